@@ -1,0 +1,675 @@
+"""Leviathan: a language model whose input embedding table is a small continuous generator.
+
+A from-scratch, single-file JAX reference for Batley & Saha (2026), "A Separable Architecture for
+Continuous Token Representation in Language Models" (arXiv 2601.22040).
+
+A LLaMA-style transformer normally looks each token id up in a (vocab_size, d_model) table: 51M
+parameters at d_model 256 with a 200k vocabulary. Leviathan writes the id in base 59 with three
+digits, adds three tiny codebooks (177 rows in all) into a seed vector, and turns the seed into an
+embedding with a separable, spline-based generator (2.4M parameters). Everything else is unchanged.
+
+The file reads in the order the idea is explained:
+  1. Config and sizes
+  2. Base-b decomposition of token ids                 i -> (i1, i2, i3)
+  3. Embedding generator                               digits -> seed z -> 8 separable heads -> e
+  4. Transformer body (LLaMA-style)                    RMSNorm, RoPE, causal attention, SwiGLU, head
+  5. Loss
+  6. Optimizer                                         AdamW, clipping, warmup + cosine decay
+  7. Train step                                        one jax.jit: generator once per step,
+                                                       micro-batch accumulation, data parallel
+  8. Training loop
+  9. `python leviathan.py`: the size table and a small offline demo
+
+Parameters are a plain dict of arrays; the forward pass is a function of (params, tokens).
+"""
+
+import collections
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# ------------------------------------------------------------------------------------------------
+# 1. Config and sizes
+# ------------------------------------------------------------------------------------------------
+
+MODELS = ("leviathan", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a model and its optimisation. Frozen, so it can be a static jit arg."""
+
+    model: str = "leviathan"  # "leviathan" (generated embeddings) or "dense" (lookup-table twin)
+    # transformer body
+    vocab_size: int = 200_376  # tiktoken o200k_base, padded as in the paper
+    d_model: int = 256  # residual stream width
+    n_layers: int = 6  # transformer blocks
+    n_heads: int = 4  # attention heads (head dim = d_model / n_heads)
+    seq_len: int = 512  # tokens per training sequence (paper: 512)
+    mlp_mult: int = 4  # SwiGLU hidden size = mlp_mult * d_model
+    rope_theta: float = 10_000.0  # rotary position embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon (paper unknown: LLaMA's value)
+    init_std: float = 0.02  # std of every weight matrix at init (paper: N(0, 0.02^2))
+    # embedding generator (paper's v1, reconstructed)
+    k: int = 3  # base-b digits per token id (paper: 3 coordinates)
+    d_seed: int = 128  # seed dimension: z = C1[i1] + C2[i2] + C3[i3]
+    gen_heads: int = 8  # independent generator heads, summed
+    gen_rank: int = 64  # rank-1 separable modes per head
+    gen_knots: int = 32  # uniform knots of the quadratic B-spline basis on [0, 1]
+    spline_init_std: float = 0.1  # spline coefficients S = 1 + 0.1 N(0, 1)
+    ln_eps: float = 1e-5  # epsilon of the generator's LayerNorm
+    # compute
+    dtype: str = "float32"  # matmul dtype of the body ("bfloat16" on GPU/TPU); params stay float32
+    remat: bool = True  # recompute each block's activations in the backward pass (saves memory)
+    # optimisation (paper: AdamW, clipping, warmup, cosine decay, 512 x 512 tokens per step)
+    batch_size: int = 512  # sequences per optimizer step
+    micro_batch: int = 0  # sequences per forward/backward pass, all devices together (0: whole batch)
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak
+    warmup_steps: int = 0  # linear warmup from 0 to the peak
+    steps: int = 10_000  # length of the schedule (optimizer steps)
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (see decay_mask)
+    grad_clip: float = 1.0  # global gradient-norm clipping
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}: use float32 or bfloat16")
+
+    @property
+    def base(self):
+        return digit_base(self.vocab_size, self.k)
+
+
+# The paper's sizes, reconstructed from its parameter counts. The name is the Leviathan model's size;
+# "iso-body" pairs share the body, "isoparametric" pairs spend the saved table on more layers.
+SIZES = {
+    #        d_model heads  dense layers      Leviathan layers     peak lr
+    "tiny": dict(d_model=64, n_heads=2, dense_layers=2, leviathan_layers=2, lr=1e-3),
+    "60M": dict(d_model=256, n_heads=4, dense_layers=6, leviathan_layers=6, lr=6e-4),
+    "109M": dict(d_model=256, n_heads=4, dense_layers=6, leviathan_layers=52, lr=6e-4),
+    "230M": dict(d_model=512, n_heads=8, dense_layers=6, leviathan_layers=30, lr=4e-4),
+    "410M": dict(d_model=1024, n_heads=16, dense_layers=12, leviathan_layers=12, lr=3e-4),
+    "421M": dict(d_model=768, n_heads=12, dense_layers=12, leviathan_layers=28, lr=3e-4),
+}
+
+# Vocabulary sizes the paper pads to; other tiktoken encodings use their own n_vocab.
+PADDED_VOCAB = {"o200k_base": 200_376}
+
+
+def default_dtype():
+    """bfloat16 matmuls on an accelerator, float32 on CPU (where bfloat16 is slow and imprecise)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def config(size="tiny", model="leviathan", **overrides):
+    """The Config of a preset: config("60M"), config("60M", "dense"), config("tiny", lr=3e-3)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: use one of {', '.join(MODELS)}")
+    s = SIZES[size]
+    fields = dict(model=model, d_model=s["d_model"], n_heads=s["n_heads"],
+                  n_layers=s[f"{model}_layers"], lr=s["lr"], dtype=default_dtype())
+    return Config(**{**fields, **overrides})
+
+
+def padded_vocab(enc):
+    """Vocabulary size for a tiktoken encoding: the paper's padded 200,376 for o200k, else n_vocab."""
+    return PADDED_VOCAB.get(enc.name, enc.n_vocab)
+
+
+def byte_encoding():
+    """A tiktoken encoding of raw bytes (256 tokens + <|endoftext|>), built offline: no download."""
+    import tiktoken
+
+    ranks = {bytes([i]): i for i in range(256)}
+    return tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 256})
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Base-b decomposition: a token id becomes k digits, each indexing a small codebook
+# ------------------------------------------------------------------------------------------------
+
+
+def digit_base(vocab_size, k):
+    """Smallest b with b**k >= vocab_size, in exact integer arithmetic (59 for 200,376 and k=3)."""
+    b = max(1, round(vocab_size ** (1.0 / k)))  # a float guess, then exact integer correction
+    while b**k < vocab_size:
+        b += 1
+    while b > 1 and (b - 1) ** k >= vocab_size:
+        b -= 1
+    return b
+
+
+def decompose(ids, base, k):
+    """Token ids (...) -> digits (..., k), most significant first: i = i1*b^2 + i2*b + i3 for k=3."""
+    powers = jnp.asarray([base ** (k - 1 - r) for r in range(k)], dtype=jnp.int32)  # (k,)
+    return (jnp.asarray(ids, jnp.int32)[..., None] // powers) % base
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The embedding generator
+#
+# The paper's v1 as we reconstruct it (the paper gives the shapes, not every detail):
+#   seed     z = C1[i1] + C2[i2] + C3[i3]                                  (d_seed,)
+#   per head l = 1..gen_heads:
+#     u      = sigmoid(LayerNorm_l(W_l z) / 2)                             (d_seed,)  in (0, 1)
+#     basis  B[d, g] = quadratic B-spline g evaluated at u[d]              (d_seed, knots)
+#     phi    phi[d, r] = sum_g B[d, g] S_l[d, g, r]                        (d_seed, rank)
+#     modes  m[r] = prod_d phi[d, r]      (KHRONOS-style separable product) (rank,)
+#     e_l    = m @ Wout_l                                                  (d_model,)
+#   e = sum_l e_l
+# It depends on the token id alone, so a train step evaluates it once per distinct id (section 7).
+# ------------------------------------------------------------------------------------------------
+
+
+def init_generator(key, cfg):
+    """Generator parameters; every per-head array is stacked along a leading gen_heads axis."""
+    H, ds, G, R, D = cfg.gen_heads, cfg.d_seed, cfg.gen_knots, cfg.gen_rank, cfg.d_model
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    std = cfg.init_std
+    return {
+        "codebooks": std * jax.random.normal(k1, (cfg.k, cfg.base, ds)),  # C_1..C_k
+        "W": std * jax.random.normal(k2, (H, ds, ds)),  # seed projection per head, no bias
+        "ln_scale": jnp.ones((H, ds)),
+        "ln_bias": jnp.zeros((H, ds)),
+        # spline coefficients S = 1 + delta: stored as delta so "no weight decay" keeps S free
+        "delta": cfg.spline_init_std * jax.random.normal(k3, (H, ds, G, R)),
+        "Wout": std / math.sqrt(H) * jax.random.normal(k4, (H, R, D)),  # modes -> d_model
+    }
+
+
+def layer_norm(x, scale, bias, eps):
+    """LayerNorm over the last axis with a learned scale and shift."""
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def spline_basis(u, n_knots):
+    """Quadratic uniform B-spline basis on n_knots knots spanning [0, 1]: (...) -> (..., n_knots).
+
+    Basis g is the cardinal quadratic B-spline centred on knot g/(n_knots-1):
+    0.75 - t^2 for |t| < 0.5, 0.5 (1.5 - |t|)^2 for 0.5 <= |t| < 1.5, else 0 (t in knot units).
+    At most three are non-zero at any point; rows are normalised to sum to 1 (only the two ends
+    need it, where the knots beyond [0, 1] are missing).
+    """
+    knots = jnp.linspace(0.0, 1.0, n_knots)  # (G,)
+    t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., G) distance in knot units
+    b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
+    return b / b.sum(-1, keepdims=True)
+
+
+def separable_product(phi, log_max=80.0):
+    """prod over axis -2 of phi (..., d, r) -> (..., r), as sign * exp(sum log|phi|).
+
+    A plain product of 128 factors under- or overflows float32 on its way; the sum of logs does not.
+    The sign is the parity of the negative factors. |phi| is floored at 1e-30 (so a zero factor gives
+    a product of ~0 with a finite gradient) and the log-sum capped at 80 (exp(80) ~ 5e34 < float32 max).
+    """
+    negatives = jnp.sum(phi < 0, axis=-2)  # (..., r) integer: no gradient flows through the sign
+    sign = 1.0 - 2.0 * (negatives % 2)
+    log_abs = jnp.sum(jnp.log(jnp.maximum(jnp.abs(phi), 1e-30)), axis=-2)  # (..., r)
+    return sign * jnp.exp(jnp.minimum(log_abs, log_max))
+
+
+def generator_head(head, z, cfg):
+    """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model)."""
+    u = jax.nn.sigmoid(layer_norm(z @ head["W"], head["ln_scale"], head["ln_bias"], cfg.ln_eps) / 2)
+    basis = spline_basis(u, cfg.gen_knots)  # (U, d_seed, G)
+    phi = jnp.einsum("udg,dgr->udr", basis, 1.0 + head["delta"])  # (U, d_seed, R)
+    modes = separable_product(phi)  # (U, R)
+    return modes @ head["Wout"]  # (U, D)
+
+
+def generate(gen, ids, cfg):
+    """The generator: token ids (U,) -> embeddings (U, d_model), in float32 whatever cfg.dtype."""
+    digits = decompose(ids, cfg.base, cfg.k)  # (U, k)
+    z = gen["codebooks"][jnp.arange(cfg.k), digits].sum(-2)  # (U, d_seed) = C1[i1] + C2[i2] + C3[i3]
+    heads = {name: gen[name] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
+    # Heads run one after another (lax.scan) and are recomputed in the backward pass (checkpoint),
+    # so only one head's (U, d_seed, rank) intermediates are alive at a time.
+    head_fn = jax.checkpoint(functools.partial(generator_head, cfg=cfg))
+
+    def add_head(e, head):
+        return e + head_fn(head, z), None
+
+    e, _ = jax.lax.scan(add_head, jnp.zeros((ids.shape[0], cfg.d_model), jnp.float32), heads)
+    return e  # (U, D)
+
+
+def embed(params, ids, cfg):
+    """Input embeddings of token ids (...) -> (..., d_model): generated (Leviathan) or looked up (dense)."""
+    if cfg.model == "dense":
+        return params["embed"][ids]
+    flat = jnp.asarray(ids).reshape(-1)
+    return generate(params["generator"], flat, cfg).reshape(*jnp.shape(ids), cfg.d_model)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The transformer body (LLaMA-style): pre-norm RMSNorm, RoPE, causal attention, SwiGLU, no biases
+# ------------------------------------------------------------------------------------------------
+
+
+def init_params(key, cfg):
+    """All parameters as a dict of float32 arrays. Blocks are stacked on a leading n_layers axis."""
+    L, D, F, V = cfg.n_layers, cfg.d_model, cfg.mlp_mult * cfg.d_model, cfg.vocab_size
+    keys = jax.random.split(key, 9)
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * L)  # residual outputs scaled (GPT-2)
+
+    def normal(key, shape, s):
+        return s * jax.random.normal(key, shape, jnp.float32)
+
+    params = {
+        "layers": {
+            "attn_norm": jnp.ones((L, D)),
+            "wq": normal(keys[0], (L, D, D), std),
+            "wk": normal(keys[1], (L, D, D), std),
+            "wv": normal(keys[2], (L, D, D), std),
+            "wo": normal(keys[3], (L, D, D), out_std),
+            "mlp_norm": jnp.ones((L, D)),
+            "w_gate": normal(keys[4], (L, D, F), std),
+            "w_up": normal(keys[5], (L, D, F), std),
+            "w_down": normal(keys[6], (L, F, D), out_std),
+        },
+        "final_norm": jnp.ones((D,)),
+        "head": normal(keys[7], (D, V), std),  # untied output head
+    }
+    if cfg.model == "leviathan":
+        params["generator"] = init_generator(keys[8], cfg)
+    else:
+        params["embed"] = normal(keys[8], (V, D), std)  # the lookup table Leviathan replaces
+    return params
+
+
+def count_params(tree):
+    """Number of scalars in a pytree of arrays or of jax.ShapeDtypeStruct (from jax.eval_shape)."""
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def param_shapes(cfg):
+    """The parameter pytree's shapes, allocating nothing."""
+    return jax.eval_shape(functools.partial(init_params, cfg=cfg), jax.random.key(0))
+
+
+def param_counts(cfg):
+    """Total parameter count of a Config (head, norms and generator included)."""
+    return count_params(param_shapes(cfg))
+
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def rope_tables(seq_len, head_dim, theta):
+    """cos and sin of the rotation angles m * theta^(-2j/head_dim): each (seq_len, head_dim/2)."""
+    freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # (hd/2,)
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freqs[None, :]  # (T, hd/2)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[j], x[j + hd/2]) of x (B, T, N, hd) by the angle of their position."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (B, T, N, hd/2) each
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def attention(layer, x, cos, sin, cfg):
+    """Causal multi-head self-attention: (B, T, D) -> (B, T, D)."""
+    B, T, D = x.shape
+    N, dt = cfg.n_heads, jnp.dtype(cfg.dtype)
+    q = (x @ layer["wq"].astype(dt)).reshape(B, T, N, D // N)  # (B, T, N, hd)
+    k = (x @ layer["wk"].astype(dt)).reshape(B, T, N, D // N)
+    v = (x @ layer["wv"].astype(dt)).reshape(B, T, N, D // N)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # softmax(q k^T / sqrt(hd) + causal mask) v; logits and softmax in float32. On GPUs XLA or cuDNN
+    # picks a fused (flash) kernel; on CPU it is the plain computation.
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, hd)
+    return out.reshape(B, T, D) @ layer["wo"].astype(dt)
+
+
+def mlp(layer, x, cfg):
+    """SwiGLU feed-forward: (silu(x Wg) * (x Wu)) Wd, hidden size mlp_mult * d_model."""
+    dt = jnp.dtype(cfg.dtype)
+    gate = jax.nn.silu(x @ layer["w_gate"].astype(dt))  # (B, T, F)
+    return (gate * (x @ layer["w_up"].astype(dt))) @ layer["w_down"].astype(dt)  # (B, T, D)
+
+
+def block(x, layer, cos, sin, cfg):
+    """One pre-norm transformer block on the float32 residual stream x (B, T, D)."""
+    dt = jnp.dtype(cfg.dtype)
+    x = x + attention(layer, rms_norm(x, layer["attn_norm"], cfg.norm_eps).astype(dt), cos, sin, cfg)
+    x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.norm_eps).astype(dt), cfg)
+    return x
+
+
+def transformer(params, x, cfg):
+    """Input embeddings (B, T, D) -> logits (B, T, V) in cfg.dtype. Layers run under lax.scan, so
+    compile time does not grow with depth (the 52-layer preset compiles as fast as the 6-layer)."""
+    cos, sin = rope_tables(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
+    layer_fn = functools.partial(block, cos=cos, sin=sin, cfg=cfg)
+    if cfg.remat:
+        layer_fn = jax.checkpoint(layer_fn)
+    x, _ = jax.lax.scan(lambda x, layer: (layer_fn(x, layer), None), x.astype(jnp.float32),
+                        params["layers"])
+    dt = jnp.dtype(cfg.dtype)
+    return rms_norm(x, params["final_norm"], cfg.norm_eps).astype(dt) @ params["head"].astype(dt)
+
+
+def forward(params, tokens, cfg):
+    """Logits (B, T, V) for tokens (B, T). The generator runs once per distinct token id."""
+    ids, inverse = jnp.unique(tokens, return_inverse=True, size=min(tokens.size, cfg.vocab_size),
+                              fill_value=0)  # (U,), (B*T,) -- static size, so it works under jit
+    x = embed(params, ids, cfg)[inverse.reshape(tokens.shape)]  # (B, T, D)
+    return transformer(params, x, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Loss
+#
+# A training batch carries its distinct input ids, computed on the host by the loader:
+#   ids      (U,)    sorted distinct ids, padded to a power-of-two bucket so shapes stay static
+#   inverse  (B, T)  position -> index into ids, so the embeddings are table[inverse]
+#   targets  (B, T)  next token at each position
+# ------------------------------------------------------------------------------------------------
+
+
+def bucket_size(n, n_devices=1, smallest=64):
+    """Static size for n distinct ids: next power of two (>= smallest), a multiple of n_devices."""
+    size = max(smallest, 1 << max(0, n - 1).bit_length())
+    return -(-size // n_devices) * n_devices
+
+
+def prepare_batch(tokens, n_devices=1):
+    """Packed sequences (B, T+1) -> the batch dict above (numpy, on the host)."""
+    tokens = np.asarray(tokens)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    ids, inverse = np.unique(inputs, return_inverse=True)
+    # Padding repeats the last id: those rows are computed but never looked up, so get no gradient.
+    ids = np.pad(ids, (0, bucket_size(len(ids), n_devices) - len(ids)), mode="edge")
+    return {"ids": ids.astype(np.int32), "inverse": inverse.reshape(inputs.shape).astype(np.int32),
+            "targets": targets.astype(np.int32)}
+
+
+def cross_entropy(logits, targets):
+    """Per-token cross-entropy in nats, in float32: (B, T, V), (B, T) -> (B, T)."""
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
+def token_losses(params, batch, cfg):
+    """Per-token losses (B, T) of a batch dict: embeddings computed once per distinct id."""
+    table = embed(params, batch["ids"], cfg)  # (U, D)
+    return cross_entropy(transformer(params, table[batch["inverse"]], cfg), batch["targets"])
+
+
+def loss_fn(params, batch, cfg):
+    """Mean next-token cross-entropy (nats) over the batch, over the whole padded vocabulary."""
+    return token_losses(params, batch, cfg).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Optimizer: AdamW with global-norm clipping, linear warmup and cosine decay to 10% of the peak
+# ------------------------------------------------------------------------------------------------
+
+# Matrices get weight decay; norms, codebooks and spline coefficients (delta) do not.
+DECAYED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "head", "embed", "W", "Wout")
+
+
+def decay_mask(params):
+    """A pytree of booleans like params: True where AdamW applies weight decay."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED, params)
+
+
+def lr_schedule(cfg):
+    """Linear warmup from 0 to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at cfg.steps."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg):
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
+                    weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def init_state(key, cfg, mesh=None):
+    """Train state {"params", "opt_state", "step"}; replicated over the mesh if one is given."""
+    params = jax.jit(init_params, static_argnums=1)(key, cfg)
+    state = {"params": params, "opt_state": make_optimizer(cfg).init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    return jax.device_put(state, NamedSharding(mesh, P())) if mesh is not None else state
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The train step: one jax.jit
+# ------------------------------------------------------------------------------------------------
+
+EMBEDDING_PARAMS = {"leviathan": "generator", "dense": "embed"}
+
+
+def split_micro_batches(x, micro_batch, mesh=None):
+    """(B, ...) -> (B // micro_batch, micro_batch, ...). Row b goes to micro-batch b % n, so each
+    device's slice of the batch splits locally (no data moves between devices)."""
+    n = x.shape[0] // micro_batch
+    x = x.reshape(micro_batch, n, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, "data")))
+    return x
+
+
+def compute_grads(params, batch, cfg, mesh=None):
+    """Mean loss and its gradient over the whole batch.
+
+    1. The embedding table of the step's distinct ids is built once (generator or lookup), and
+       jax.vjp keeps what is needed to send its gradient back into the generator later.
+    2. The body runs over micro-batches under lax.scan, accumulating gradients for the body
+       parameters and for the (U, D) table.
+    3. The accumulated table gradient goes through the generator's vjp once.
+    So the generator costs one forward and one backward per step, however many micro-batches.
+    """
+    name = EMBEDDING_PARAMS[cfg.model]
+    body = {key: value for key, value in params.items() if key != name}
+    table, embed_vjp = jax.vjp(lambda p: embed({name: p}, batch["ids"], cfg), params[name])
+
+    B = batch["inverse"].shape[0]
+    micro = cfg.micro_batch or B
+    if B % micro:
+        raise ValueError(f"batch of {B} sequences does not split into micro-batches of {micro}")
+    inverse = split_micro_batches(batch["inverse"], micro, mesh)  # (n, micro, T)
+    targets = split_micro_batches(batch["targets"], micro, mesh)
+
+    def micro_loss(body, table, inverse, targets):
+        return cross_entropy(transformer(body, table[inverse], cfg), targets).mean()
+
+    grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1))
+
+    def accumulate(carry, xs):
+        loss, (g_body, g_table) = grad_fn(body, table, *xs)
+        return jax.tree_util.tree_map(jnp.add, carry, (loss, g_body, g_table)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, (jnp.zeros(()), body, table))
+    (loss, g_body, g_table), _ = jax.lax.scan(accumulate, zeros, (inverse, targets))
+
+    n = inverse.shape[0]
+    (g_embed,) = embed_vjp(g_table / n)
+    grads = {**jax.tree_util.tree_map(lambda g: g / n, g_body), name: g_embed}
+    return loss / n, grads
+
+
+def train_step(state, batch, cfg, mesh=None):
+    """One optimizer step: gradients over the batch, clipping, AdamW. Returns (state, metrics)."""
+    loss, grads = compute_grads(state["params"], batch, cfg, mesh)
+    updates, opt_state = make_optimizer(cfg).update(grads, state["opt_state"], state["params"])
+    state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+             "step": state["step"] + 1}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": lr_schedule(cfg)(state["step"] - 1)}
+    return state, metrics
+
+
+@functools.lru_cache(maxsize=None)  # one compiled step per (cfg, mesh), however often it is asked for
+def make_train_step(cfg, mesh=None):
+    """The jitted train step: step(state, batch) -> (state, metrics), state buffers donated.
+
+    With a mesh, the state is replicated and the batch (and its distinct ids, so the generator's
+    work too) is split over the "data" axis; XLA inserts the gradient all-reduce."""
+    fn = functools.partial(train_step, cfg=cfg, mesh=mesh)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(fn, donate_argnums=0, in_shardings=(replicated, split),
+                   out_shardings=(replicated, replicated))
+
+
+@functools.lru_cache(maxsize=None)
+def make_eval_step(cfg, mesh=None):
+    """Jitted eval(params, batch) -> per-token losses (B, T) in nats."""
+    fn = functools.partial(token_losses, cfg=cfg)
+    if mesh is None:
+        return jax.jit(fn)
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(fn, in_shardings=(replicated, split), out_shardings=split)
+
+
+def make_mesh(devices=None):
+    """A 1-D mesh over all devices (of all hosts) with the axis "data" for data parallelism."""
+    return Mesh(np.array(devices or jax.devices()), ("data",))
+
+
+def shard_batch(batch, mesh=None):
+    """Put a host batch on the device(s), split along its first axis over the mesh's "data" axis."""
+    if mesh is None:
+        return jax.device_put(batch)
+    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+
+
+def flops_per_step(cfg, n_tokens, n_distinct):
+    """Model FLOPs of one train step (forward + backward, no recomputation): 6 per parameter-token
+    for the matrices the tokens pass through, 12 L T D per token for attention, and the generator's
+    matrix work once per distinct id. Used for MFU."""
+    D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
+    matmul_params = L * (4 * D * D + 3 * D * F) + D * cfg.vocab_size
+    flops = 6 * matmul_params * n_tokens + 12 * L * cfg.seq_len * D * n_tokens
+    if cfg.model == "leviathan":
+        per_head = cfg.d_seed * cfg.d_seed + cfg.d_seed * cfg.gen_knots * cfg.gen_rank + cfg.gen_rank * D
+        flops += 6 * cfg.gen_heads * per_head * n_distinct
+    return flops
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. The training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def prefetch_to_device(batches, mesh=None, size=2):
+    """Yield batches already on the device, `size` steps ahead (device_put is asynchronous)."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(shard_batch(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def print_metrics(step, state, metrics):
+    extra = f" | compile {metrics['compile_s']:.1f}s" if "compile_s" in metrics else ""
+    print(f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+          f"grad norm {metrics['grad_norm']:.3f} | {metrics['tok_per_s']:,.0f} tok/s{extra}")
+
+
+def train_loop(state, batches, step_fn, steps, log_every=10, callback=print_metrics, mesh=None):
+    """Run `steps` optimizer steps on an iterator of host batches (prepare_batch dicts).
+
+    Every `log_every` steps (and at the last) callback(step, state, metrics) gets python floats:
+    loss, lr, grad_norm, tok_per_s, and compile_s on the first step. Only then does the host wait
+    for the device; otherwise steps are dispatched ahead while batches are copied in the background.
+    If the callback returns True the loop stops. Returns the final state.
+    """
+    start = int(state["step"])
+    tokens_since, clock = 0, time.perf_counter()
+    for i, batch in enumerate(prefetch_to_device(batches, mesh)):
+        if i == steps:
+            break
+        state, metrics = step_fn(state, batch)
+        tokens_since += batch["targets"].size
+        first, last = i == 0, i == steps - 1
+        if first or last or (start + i + 1) % log_every == 0:
+            metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            if first:
+                metrics["compile_s"] = now - clock  # the first step includes compilation
+            metrics["tok_per_s"] = tokens_since / (now - clock)
+            tokens_since, clock = 0, now
+            if callback is not None and callback(start + i + 1, state, metrics):
+                break
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. `python leviathan.py`: the size table, then a tiny Leviathan learning its own source code
+# ------------------------------------------------------------------------------------------------
+
+
+def size_table():
+    """Markdown table of every preset, both models, counted from the code."""
+    rows = ["| size | d_model | heads | dense layers | Leviathan layers | dense params | "
+            "Leviathan params | generator params | generator share |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in SIZES.items():
+        dense, lev = param_counts(config(name, "dense")), param_shapes(config(name))
+        gen = count_params(lev["generator"])
+        rows.append(f"| {name} | {s['d_model']} | {s['n_heads']} | {s['dense_layers']} | "
+                    f"{s['leviathan_layers']} | {dense:,} | {count_params(lev):,} | {gen:,} | "
+                    f"{gen / count_params(lev):.1%} |")
+    return "\n".join(rows)
+
+
+def demo(steps=150, batch_size=16, seq_len=64, seed=0):
+    """Train a tiny Leviathan on this file's bytes with a byte-level tokenizer: the loss falls."""
+    enc = byte_encoding()
+    with open(__file__, encoding="utf-8") as f:
+        data = np.array(enc.encode_ordinary(f.read()), dtype=np.int32)
+    cfg = config("tiny", vocab_size=padded_vocab(enc), seq_len=seq_len, batch_size=batch_size,
+                 lr=3e-3, warmup_steps=10, steps=steps)
+    print(f"\ndemo: tiny Leviathan, byte vocabulary {cfg.vocab_size} -> base {cfg.base}, "
+          f"{cfg.k} x {cfg.base} = {cfg.k * cfg.base} codebook rows, "
+          f"{param_counts(cfg):,} parameters, {len(data):,} tokens of leviathan.py")
+    rng = np.random.default_rng(seed)
+
+    def batches():
+        while True:
+            starts = rng.integers(0, len(data) - seq_len - 1, batch_size)
+            yield prepare_batch(np.stack([data[s:s + seq_len + 1] for s in starts]))
+
+    state = init_state(jax.random.key(seed), cfg)
+    train_loop(state, batches(), make_train_step(cfg), steps, log_every=25)
+    print(f"(a uniform guess over {cfg.vocab_size} tokens is ln V = {math.log(cfg.vocab_size):.2f} nats)")
+
+
+if __name__ == "__main__":
+    print(size_table())
+    demo()
