@@ -67,6 +67,7 @@ class Config:
     ln_eps: float = 1e-5  # epsilon of the generator's LayerNorm
     # compute
     dtype: str = "float32"  # matmul dtype of the body ("bfloat16" on GPU/TPU); params stay float32
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla", or "cudnn" (GPU)
     remat: bool = True  # recompute each block's activations in the backward pass (saves memory)
     # optimisation (paper: AdamW, clipping, warmup, cosine decay, 512 x 512 tokens per step)
     batch_size: int = 512  # sequences per optimizer step
@@ -216,23 +217,27 @@ def spline_basis(u, n_knots):
 
 
 def separable_product(phi, log_max=80.0):
-    """prod over axis -2 of phi (..., d, r) -> (..., r), as sign * exp(sum log|phi|).
+    """prod over the first axis of phi (d, ...) -> (...), as sign * exp(sum log|phi|).
 
     A plain product of 128 factors under- or overflows float32 on its way; the sum of logs does not.
     The sign is the parity of the negative factors. |phi| is floored at 1e-30 (so a zero factor gives
     a product of ~0 with a finite gradient) and the log-sum capped at 80 (exp(80) ~ 5e34 < float32 max).
     """
-    negatives = jnp.sum(phi < 0, axis=-2)  # (..., r) integer: no gradient flows through the sign
+    negatives = jnp.sum(phi < 0, axis=0)  # integer: no gradient flows through the sign
     sign = 1.0 - 2.0 * (negatives % 2)
-    log_abs = jnp.sum(jnp.log(jnp.maximum(jnp.abs(phi), 1e-30)), axis=-2)  # (..., r)
+    log_abs = jnp.sum(jnp.log(jnp.maximum(jnp.abs(phi), 1e-30)), axis=0)
     return sign * jnp.exp(jnp.minimum(log_abs, log_max))
 
 
 def generator_head(head, z, cfg):
-    """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model)."""
-    u = jax.nn.sigmoid(layer_norm(z @ head["W"], head["ln_scale"], head["ln_bias"], cfg.ln_eps) / 2)
-    basis = spline_basis(u, cfg.gen_knots)  # (U, d_seed, G)
-    phi = jnp.einsum("udg,dgr->udr", basis, 1.0 + head["delta"])  # (U, d_seed, R)
+    """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model).
+
+    The seed coordinate d leads the big intermediates, so the spline mixing is one batched matmul
+    per coordinate, (U, G) @ (G, R), and the product runs over the leading axis."""
+    h = layer_norm(z @ head["W"], head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
+    u = jax.nn.sigmoid(h / 2).T  # (d_seed, U) in (0, 1)
+    basis = spline_basis(u, cfg.gen_knots)  # (d_seed, U, G)
+    phi = jnp.einsum("dug,dgr->dur", basis, 1.0 + head["delta"])  # (d_seed, U, R)
     modes = separable_product(phi)  # (U, R)
     return modes @ head["Wout"]  # (U, D)
 
@@ -340,9 +345,10 @@ def attention(layer, x, cos, sin, cfg):
     k = (x @ layer["wk"].astype(dt)).reshape(B, T, N, D // N)
     v = (x @ layer["wv"].astype(dt)).reshape(B, T, N, D // N)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    # softmax(q k^T / sqrt(hd) + causal mask) v; logits and softmax in float32. On GPUs XLA or cuDNN
-    # picks a fused (flash) kernel; on CPU it is the plain computation.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, hd)
+    # softmax(q k^T / sqrt(hd) + causal mask) v, logits and softmax in float32 ("xla"); on NVIDIA
+    # GPUs cfg.attention="cudnn" asks for cuDNN's fused (flash) kernel instead.
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=(
+        None if cfg.attention == "xla" else cfg.attention))  # (B, T, N, hd)
     return out.reshape(B, T, D) @ layer["wo"].astype(dt)
 
 
@@ -386,15 +392,19 @@ def forward(params, tokens, cfg):
 # 5. Loss
 #
 # A training batch carries its distinct input ids, computed on the host by the loader:
-#   ids      (U,)    sorted distinct ids, padded to a power-of-two bucket so shapes stay static
+#   ids      (U,)    sorted distinct ids, padded to a size bucket so shapes stay static
 #   inverse  (B, T)  position -> index into ids, so the embeddings are table[inverse]
 #   targets  (B, T)  next token at each position
 # ------------------------------------------------------------------------------------------------
 
 
 def bucket_size(n, n_devices=1, smallest=64):
-    """Static size for n distinct ids: next power of two (>= smallest), a multiple of n_devices."""
-    size = max(smallest, 1 << max(0, n - 1).bit_length())
+    """Static size for n distinct ids: the next of 64, 80, 96, 112, 128, 160, ... (powers of two and
+    the quarter steps between them, so at most 25% padding and only a few compiled shapes), rounded
+    up to a multiple of n_devices."""
+    n = max(n, smallest)
+    quarter = (1 << (n - 1).bit_length()) // 8  # a quarter of the power of two below n
+    size = -(-n // quarter) * quarter
     return -(-size // n_devices) * n_devices
 
 
@@ -577,6 +587,21 @@ def flops_per_step(cfg, n_tokens, n_distinct):
         per_head = cfg.d_seed * cfg.d_seed + cfg.d_seed * cfg.gen_knots * cfg.gen_rank + cfg.gen_rank * D
         flops += 6 * cfg.gen_heads * per_head * n_distinct
     return flops
+
+
+# Dense bf16 peak TFLOP/s by device kind (vendor figures), for MFU; None where unknown (e.g. CPU).
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "GH200": 989, "A100": 312, "A10G": 125, "L40S": 362,
+               "L4": 121, "RTX 4090": 165, "V100": 125, "TPU v4": 275, "TPU v5 lite": 197,
+               "TPU v5e": 197, "TPU v5p": 459, "TPU v6": 918}
+
+
+def peak_flops(device=None):
+    """Peak FLOP/s of one device from PEAK_TFLOPS, or None if the device kind is not in the table."""
+    kind = (device or jax.devices()[0]).device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return tflops * 1e12
+    return None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Benchmark: Leviathan against its dense twin, in one process, and the data loader alone.
+
+    python bench.py --size 60M --batch-size 8 --micro-batch 8       # model step time, both models
+    python bench.py --size 421M --batch-size 64 --micro-batch 16    # on a GPU (bfloat16 by default)
+    python bench.py --loader                                         # data loader tokens/s
+
+Model mode runs warm-up then timed optimizer steps on synthetic batches whose ids follow a Zipf law
+(about as many distinct ids per batch as real text; or real tokens with --data) and prints, per
+model: compile time, ms/step, tokens/s, MFU (where the device's peak is known), the generator's
+share of the step, peak device memory (where the backend reports it) and XLA's compiled memory
+for the step; then the Leviathan/dense step-time ratio.
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+import leviathan as lv
+
+
+def zipf_tokens(rng, n_seqs, seq_len, vocab_size, exponent=1.0):
+    """Token sequences (n_seqs, seq_len + 1) with Zipf-distributed ids, like natural text."""
+    ranks = np.arange(1, vocab_size + 1, dtype=np.float64)
+    p = 1.0 / (ranks + 2.7) ** exponent  # Zipf-Mandelbrot: close to token counts of English text
+    ids = rng.permutation(vocab_size)[rng.choice(vocab_size, (n_seqs, seq_len + 1), p=p / p.sum())]
+    return ids.astype(np.int32)
+
+
+def real_tokens(paths, n_seqs, seq_len):
+    """Sequences packed from local .jsonl.zst shards with the o200k tokenizer (first n_seqs)."""
+    import train
+
+    stream = train.token_sequences(paths, train.tokenizer("o200k_base"), seq_len)
+    return np.stack([next(stream) for _ in range(n_seqs)]).astype(np.int32)
+
+
+def time_steps(step, state, batch, n_steps):
+    """Mean seconds per step of an already compiled step, after one warm-up step."""
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / n_steps, state
+
+
+def generator_seconds(cfg, params, ids, n_steps):
+    """Seconds per step spent building the embedding table and sending its gradient back."""
+    name = lv.EMBEDDING_PARAMS[cfg.model]
+
+    @jax.jit
+    def table_fwd_bwd(p, ids):
+        table, vjp = jax.vjp(lambda p: lv.embed({name: p}, ids, cfg), p)
+        return vjp(table)[0]  # any cotangent of the table's shape costs the same
+
+    jax.block_until_ready(table_fwd_bwd(params[name], ids))
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        out = table_fwd_bwd(params[name], ids)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / n_steps
+
+
+def bench_model(cfg, host_batch, n_steps):
+    """Compile, warm up and time one model; returns a dict of figures."""
+    state = lv.init_state(jax.random.key(0), cfg)
+    batch = lv.shard_batch(host_batch)
+    step = lv.make_train_step(cfg)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    step_s, state = time_steps(compiled, state, batch, n_steps)
+    n_tokens, n_distinct = host_batch["targets"].size, len(np.unique(host_batch["ids"]))
+    peak = lv.peak_flops()
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "model": cfg.model, "params": lv.count_params(state["params"]), "compile_s": compile_s,
+        "ms_per_step": 1e3 * step_s, "tok_per_s": n_tokens / step_s,
+        "mfu": lv.flops_per_step(cfg, n_tokens, n_distinct) / step_s / peak if peak else None,
+        "generator_share": generator_seconds(cfg, state["params"], batch["ids"], n_steps) / step_s,
+        "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None,
+        "compiled_mem_gb": (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                            + memory.output_size_in_bytes) / 1e9 if memory else None,
+    }
+
+
+def show(value, fmt):
+    return "n/a" if value is None else format(value, fmt)
+
+
+def run_models(args):
+    overrides = dict(seq_len=args.seq_len, batch_size=args.batch_size,
+                     micro_batch=args.micro_batch, attention=args.attention)
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    cfgs = [lv.config(args.size, model, **overrides) for model in args.models]
+    if args.data:
+        tokens = real_tokens(args.data, args.batch_size, args.seq_len)
+    else:
+        tokens = zipf_tokens(np.random.default_rng(0), args.batch_size, args.seq_len, cfgs[0].vocab_size)
+    host_batch = lv.prepare_batch(tokens)
+    n_distinct = len(np.unique(tokens[:, :-1]))
+    print(f"{args.size}: batch {args.batch_size} x {args.seq_len} tokens (micro-batch "
+          f"{args.micro_batch or args.batch_size}), {n_distinct:,} distinct ids -> bucket "
+          f"{len(host_batch['ids']):,}, dtype {cfgs[0].dtype}, {jax.devices()[0].device_kind}")
+    print("| model | params | compile s | ms/step | tokens/s | MFU | generator share | "
+          "peak memory GB | compiled memory GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = {}
+    for cfg in cfgs:
+        r = results[cfg.model] = bench_model(cfg, host_batch, args.steps)
+        print(f"| {r['model']} | {r['params']:,} | {r['compile_s']:.1f} | {r['ms_per_step']:.1f} | "
+              f"{r['tok_per_s']:,.0f} | {show(r['mfu'], '.1%')} | {r['generator_share']:.1%} | "
+              f"{show(r['peak_mem_gb'], '.2f')} | {show(r['compiled_mem_gb'], '.2f')} |", flush=True)
+    if len(results) == 2:
+        ratio = results["leviathan"]["ms_per_step"] / results["dense"]["ms_per_step"]
+        print(f"Leviathan / dense step time: {ratio:.3f}x")
+    return results
+
+
+def run_loader(args):
+    import train
+
+    paths = args.data or ["../shared/minipile/00.jsonl.zst", "../shared/minipile/01.jsonl.zst"]
+    result = train.loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
+                                     seconds=args.seconds)
+    print(f"loader: {result['tokens_per_s']:,.0f} tokens/s ({result})")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny", choices=list(lv.SIZES))
+    parser.add_argument("--models", nargs="+", default=["leviathan", "dense"], choices=lv.MODELS)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=0, help="sequences per pass (0: all)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: by device)")
+    parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    parser.add_argument("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
+    parser.add_argument("--loader", action="store_true", help="measure the data loader alone")
+    parser.add_argument("--seconds", type=float, default=20.0, help="loader mode: how long")
+    args = parser.parse_args(argv)
+    return run_loader(args) if args.loader else run_models(args)
+
+
+if __name__ == "__main__":
+    main()
