@@ -408,13 +408,17 @@ def bucket_size(n, n_devices=1, smallest=64):
     return -(-size // n_devices) * n_devices
 
 
-def prepare_batch(tokens, n_devices=1):
-    """Packed sequences (B, T+1) -> the batch dict above (numpy, on the host)."""
+def prepare_batch(tokens, n_devices=1, size=None):
+    """Packed sequences (B, T+1) -> the batch dict above (numpy, on the host). `size` fixes the
+    padded length of ids (e.g. one size for all validation batches); default: bucket_size."""
     tokens = np.asarray(tokens)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     ids, inverse = np.unique(inputs, return_inverse=True)
+    size = size or bucket_size(len(ids), n_devices)
+    if size < len(ids) or size % n_devices:
+        raise ValueError(f"{len(ids)} distinct ids do not fit a size of {size} on {n_devices} devices")
     # Padding repeats the last id: those rows are computed but never looked up, so get no gradient.
-    ids = np.pad(ids, (0, bucket_size(len(ids), n_devices) - len(ids)), mode="edge")
+    ids = np.pad(ids, (0, size - len(ids)), mode="edge")
     return {"ids": ids.astype(np.int32), "inverse": inverse.reshape(inputs.shape).astype(np.int32),
             "targets": targets.astype(np.int32)}
 
@@ -451,10 +455,12 @@ def decay_mask(params):
 
 
 def lr_schedule(cfg):
-    """Linear warmup from 0 to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at cfg.steps."""
-    return optax.warmup_cosine_decay_schedule(
+    """lr of optimizer step s = 0, 1, ...: linear warmup reaching cfg.lr at s = warmup_steps - 1
+    (so the first step already learns), then cosine decay to cfg.lr * min_lr_ratio at s = steps - 1."""
+    schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
         decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    return lambda step: schedule(step + 1)
 
 
 def make_optimizer(cfg):
@@ -610,47 +616,79 @@ def peak_flops(device=None):
 
 
 def prefetch_to_device(batches, mesh=None, size=2):
-    """Yield batches already on the device, `size` steps ahead (device_put is asynchronous)."""
-    queue = collections.deque()
-    for batch in batches:
-        queue.append(shard_batch(batch, mesh))
-        if len(queue) > size:
-            yield queue.popleft()
+    """Yield (batch on the device, info), `size` steps ahead (device_put is asynchronous). Items of
+    `batches` are batch dicts or (batch, info) pairs. If `batches` raises, the batches it already
+    gave are yielded first, then the error."""
+    queue, error = collections.deque(), None
+    try:
+        for item in batches:
+            batch, info = item if isinstance(item, tuple) else (item, None)
+            queue.append((shard_batch(batch, mesh), info))
+            if len(queue) > size:
+                yield queue.popleft()
+    except Exception as e:  # noqa: BLE001 -- re-raised below, after the loaded batches
+        error = e
     while queue:
         yield queue.popleft()
+    if error is not None:
+        raise error
 
 
-def print_metrics(step, state, metrics):
+def print_metrics(step, state, metrics, info=None):
     extra = f" | compile {metrics['compile_s']:.1f}s" if "compile_s" in metrics else ""
     print(f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
           f"grad norm {metrics['grad_norm']:.3f} | {metrics['tok_per_s']:,.0f} tok/s{extra}")
 
 
-def train_loop(state, batches, step_fn, steps, log_every=10, callback=print_metrics, mesh=None):
-    """Run `steps` optimizer steps on an iterator of host batches (prepare_batch dicts).
+def train_loop(state, batches, step_fn, steps, log_every=10, callback=print_metrics, mesh=None,
+               hold=lambda step: False):
+    """Run up to `steps` optimizer steps on an iterator of host batches; returns the final state.
 
-    Every `log_every` steps (and at the last) callback(step, state, metrics) gets python floats:
-    loss, lr, grad_norm, tok_per_s, and compile_s on the first step. Only then does the host wait
-    for the device; otherwise steps are dispatched ahead while batches are copied in the background.
-    If the callback returns True the loop stops. Returns the final state.
+    batches: prepare_batch dicts, or (batch, info) pairs whose info is handed to the callback.
+    callback(step, state, metrics, info) gets python floats loss, lr, grad_norm, tok_per_s (and
+    compile_s at the first step) every `log_every` steps. The host never waits for the device just
+    to log: a log step's metrics are read after the next step is dispatched, so by then that state
+    has been handed on and the callback gets state=None. At the first and last step, where
+    hold(step) is true (evaluation, checkpoint), and before an error from `batches` propagates, the
+    loop waits for the step and passes its state. If the callback returns True, the loop stops.
     """
-    start = int(state["step"])
-    tokens_since, clock = 0, time.perf_counter()
-    for i, batch in enumerate(prefetch_to_device(batches, mesh)):
-        if i == steps:
+    start = step = int(state["step"])
+    tokens, since = 0, [time.perf_counter(), 0]  # wall clock and token count at the last report
+
+    def report(record, state):
+        step, metrics, info, tokens_at = record
+        metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}  # waits
+        now = time.perf_counter()
+        if step == start + 1:
+            metrics["compile_s"] = now - since[0]  # the first step includes compilation
+        metrics["tok_per_s"] = (tokens_at - since[1]) / (now - since[0])
+        since[:] = now, tokens_at
+        return callback is not None and callback(step, state, metrics, info)
+
+    batches = prefetch_to_device(batches, mesh)
+    newest, lagged = None, False  # newest step not reported yet; report it after the next dispatch?
+    while step < start + steps:
+        try:
+            batch, info = next(batches)
+        except StopIteration:
             break
-        state, metrics = step_fn(state, batch)
-        tokens_since += batch["targets"].size
-        first, last = i == 0, i == steps - 1
-        if first or last or (start + i + 1) % log_every == 0:
-            metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            if first:
-                metrics["compile_s"] = now - clock  # the first step includes compilation
-            metrics["tok_per_s"] = tokens_since / (now - clock)
-            tokens_since, clock = 0, now
-            if callback is not None and callback(start + i + 1, state, metrics):
-                break
+        except Exception:  # e.g. a shard that cannot be read: the callback may checkpoint first
+            if newest is not None:
+                report(newest, state)
+            raise
+        state, metrics = step_fn(state, batch)  # dispatched: the device runs while the host goes on
+        step, tokens = step + 1, tokens + batch["targets"].size
+        if lagged and report(newest, None):  # the previous step: finished, so no stall
+            return state
+        newest, lagged = (step, metrics, info, tokens), False
+        if step in (start + 1, start + steps) or hold(step):
+            if report(newest, state):
+                return state
+            newest = None
+        elif step % log_every == 0:
+            lagged = True
+    if newest is not None:  # the batches ran out before `steps`
+        report(newest, state)
     return state
 
 

@@ -1,24 +1,42 @@
-"""Tests for leviathan.py (model, generator, optimizer, train step). CPU, offline.
+"""Tests of the whole project, CPU and offline: leviathan.py (model, generator, optimizer, train
+step), train.py (streamed data, HTTP reconnection, evaluation, checkpoints, resume, errors) and plot.py
+(fits and figures). The only network is a server on 127.0.0.1 that a test starts.
 
 Run: python -m pytest -q
 """
 
+import http.server
+import json
+import math
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 # Two CPU devices for the data-parallel test; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 # Offline tiktoken: read the o200k/cl100k files from ../shared when they are there.
-if os.path.isdir("../shared/tiktoken"):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", "../shared/tiktoken")
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken"))
 
-import math
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import zstandard  # noqa: E402
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import leviathan as lv  # noqa: E402
+import plot  # noqa: E402
+import train  # noqa: E402
 
-import leviathan as lv
+# ================================================================================================
+# leviathan.py
+# ================================================================================================
 
 V_SMALL = 512  # a small vocabulary keeps most tests fast; the generator itself is full size
 
@@ -161,6 +179,10 @@ def test_prepare_batch_and_bucket_sizes():
     assert batch["ids"][:2].tolist() == [3, 5] and batch["ids"][2] == 9 and len(batch["ids"]) == 64
     np.testing.assert_array_equal(batch["ids"][batch["inverse"]], tokens[:, :-1])
     np.testing.assert_array_equal(batch["targets"], tokens[:, 1:])
+    fixed = lv.prepare_batch(tokens, size=200)
+    assert len(fixed["ids"]) == 200 and (fixed["ids"][fixed["inverse"]] == tokens[:, :-1]).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        lv.prepare_batch(tokens, size=2)
     sizes = [lv.bucket_size(n) for n in (1, 64, 65, 81, 1000, 1025, 40_000)]
     assert sizes == [64, 64, 80, 96, 1024, 1280, 40_960]
     for n in range(1, 5000, 7):  # never too small, at most 25% padding above the smallest bucket
@@ -262,10 +284,10 @@ def test_weight_decay_mask(model):
 def test_lr_schedule_warms_up_then_decays_to_ten_percent():
     cfg = small_config(lr=1e-3, warmup_steps=10, steps=110)
     lr = lv.lr_schedule(cfg)
-    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-4)
-    assert float(lr(10)) == pytest.approx(1e-3)
-    assert float(lr(60)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-4)
-    assert float(lr(110)) == pytest.approx(1e-4) and float(lr(500)) == pytest.approx(1e-4)
+    assert float(lr(0)) == pytest.approx(1e-4)  # the first step already learns
+    assert float(lr(4)) == pytest.approx(5e-4) and float(lr(9)) == pytest.approx(1e-3)
+    assert float(lr(59)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-4)  # half-way down the cosine
+    assert float(lr(109)) == pytest.approx(1e-4) and float(lr(500)) == pytest.approx(1e-4)
 
 
 def test_a_tiny_model_overfits_one_batch():
@@ -352,7 +374,697 @@ def test_train_loop_reports_metrics_and_loss_falls():
 
     logged = []
     state = lv.train_loop(lv.init_state(jax.random.key(8), cfg), batches(), lv.make_train_step(cfg),
-                          cfg.steps, log_every=10, callback=lambda s, st, m: logged.append((s, m)))
-    assert [s for s, _ in logged] == [1, 10, 20, 30] and int(state["step"]) == 30
-    assert "compile_s" in logged[0][1] and all(m["tok_per_s"] > 0 for _, m in logged)
-    assert logged[-1][1]["loss"] < logged[0][1]["loss"] - 1.0
+                          cfg.steps, log_every=10, hold=lambda step: step == 15,
+                          callback=lambda s, st, m, info: logged.append((s, st is not None, m)))
+    # first and last step and hold() get the state; log steps are read a step late, without it
+    assert [(s, held) for s, held, _ in logged] == [(1, True), (10, False), (15, True), (20, False),
+                                                    (30, True)]
+    assert int(state["step"]) == 30
+    assert "compile_s" in logged[0][2] and all(m["tok_per_s"] > 0 for _, _, m in logged)
+    assert logged[-1][2]["loss"] < logged[0][2]["loss"] - 1.0
+
+
+def test_train_loop_passes_info_and_lets_the_callback_see_the_state_before_a_loader_error():
+    cfg = small_config(vocab_size=64, steps=10)
+    tokens = random_tokens(9, 4, cfg.seq_len, 64)
+
+    def batches():
+        for i in range(5):
+            yield lv.prepare_batch(tokens), f"position {i}"
+        raise OSError("shard went away")
+
+    seen = []
+    with pytest.raises(OSError, match="went away"):
+        lv.train_loop(lv.init_state(jax.random.key(9), cfg), batches(), lv.make_train_step(cfg),
+                      cfg.steps, log_every=100, callback=lambda s, st, m, info: seen.append(
+                          (s, info, st is not None and int(st["step"]))))
+    assert seen == [(1, "position 0", 1), (5, "position 4", 5)]  # all 5 loaded batches were used
+
+
+# ================================================================================================
+# train.py
+# ================================================================================================
+
+MINIPILE = os.path.join("..", "shared", "minipile")  # relative to the repository root
+BYTES = lv.byte_encoding()  # token id = byte value, EOT = 256: easy to read in assertions
+EOT = 256
+
+
+def doc(text, name="Test"):
+    return {"text": text, "meta": {"pile_set_name": name}}
+
+
+def write_shard(path, lines, frames=1):
+    """Write JSON lines (dicts, or raw strings written as they are). A .zst path is compressed into
+    `frames` zstd frames cut at arbitrary bytes, so lines straddle frame boundaries."""
+    data = b"".join((json.dumps(x) if isinstance(x, dict) else x).encode() + b"\n" for x in lines)
+    if str(path).endswith(".zst"):
+        cuts = np.linspace(0, len(data), frames + 1).astype(int)
+        data = b"".join(zstandard.ZstdCompressor().compress(data[a:b]) for a, b in zip(cuts, cuts[1:]))
+    path.write_bytes(data)
+    return str(path)
+
+
+def drain(next_item):
+    """Every item of next_item() until it returns None."""
+    items = []
+    while (item := next_item()) is not None:
+        items.append(item)
+    return items
+
+
+def all_batches(stream):
+    return drain(stream.next_batch)
+
+
+def words(n, seed=0):
+    """n documents of random words (so that they compress poorly and differ)."""
+    rng = np.random.default_rng(seed)
+    vocab = ["river", "stone", "light", "quick", "seven", "under", "paper", "green", "north", "field"]
+    return [doc(" ".join(rng.choice(vocab, rng.integers(3, 40)))) for _ in range(n)]
+
+
+# --- the pipeline ----------------------------------------------------------------------------------
+
+
+def test_documents_end_with_eot_and_pack_into_sequences(tmp_path):
+    lines = [doc("abc"), "{not json", doc("de", "Other"), {"text": 5}, "", doc("fghij")]
+    path = write_shard(tmp_path / "a.jsonl.zst", lines, frames=3)
+    stream = train.BatchStream([path], BYTES, seq_len=3, batch_size=1, shuffle_buffer=0, loop=False)
+    sequences = drain(stream.next_sequence)
+    tokens = [*b"abc", EOT, *b"de", EOT, *b"fghij", EOT]  # 13 tokens: 3 sequences of 4, 1 left over
+    assert [s.tolist() for s in sequences] == [tokens[0:4], tokens[4:8], tokens[8:12]]
+    assert all(s.dtype == np.int32 for s in sequences)
+    assert stream.bad_lines == 2  # "{not json" and a non-string text; the blank line is not counted
+    assert stream.documents == {"Test": 2, "Other": 1}
+
+
+def test_truncated_and_corrupt_zstd_are_errors_not_silent_ends(tmp_path):
+    good = write_shard(tmp_path / "good.jsonl.zst", words(300), frames=2)
+    blob = open(good, "rb").read()
+    (tmp_path / "cut.jsonl.zst").write_bytes(blob[:-5])
+    (tmp_path / "bad.jsonl.zst").write_bytes(blob[:50] + bytes(200) + blob[250:])
+    assert len(list(train.shard_lines(good))) == 300
+    with pytest.raises(train.DataError, match=r"cut\.jsonl\.zst is truncated"):
+        list(train.shard_lines(str(tmp_path / "cut.jsonl.zst")))
+    with pytest.raises(train.DataError, match=r"bad\.jsonl\.zst is corrupt"):
+        list(train.shard_lines(str(tmp_path / "bad.jsonl.zst")))
+
+
+def test_long_documents_are_encoded_in_pieces_under_the_limit(tmp_path, monkeypatch):
+    text = "alpha beta gamma\ndelta epsilon zeta"
+    pieces = train.split_text(text, 10)
+    assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
+    assert all(p[0] in " \n" for p in pieces[1:])  # cut before whitespace, not inside a word
+    assert train.split_text("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no whitespace: hard cut
+
+    class Recording:  # an encoding that checks what the tokenizer is handed
+        eot_token, seen = EOT, []
+
+        def encode_ordinary(self, piece):
+            self.seen.append(len(piece))
+            return BYTES.encode_ordinary(piece)
+
+    monkeypatch.setattr(train, "MAX_CHARS", 10)
+    path = write_shard(tmp_path / "long.jsonl", [doc(text)])
+    stream = train.BatchStream([path], Recording(), len(text), 1, shuffle_buffer=0, vocab_size=257,
+                               loop=False)
+    assert stream.next_sequence().tolist() == [*text.encode(), EOT]
+    assert max(Recording.seen) <= 10 and len(Recording.seen) == len(pieces)
+
+
+def test_shuffle_buffer_is_seeded_and_loses_no_sequence(tmp_path):
+    path = write_shard(tmp_path / "s.jsonl", [doc(f"doc{i:04d}") for i in range(200)])  # 8 tokens each
+
+    def batches(seed, shuffle):
+        stream = train.BatchStream([path], BYTES, 7, 4, seed=seed, shuffle_buffer=shuffle, loop=False)
+        return all_batches(stream)
+
+    plain, a, again, other = batches(0, 0), batches(0, 16), batches(0, 16), batches(1, 16)
+    assert len(plain) == len(a) == 50 and all(b.shape == (4, 8) for b in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, again))  # same seed, same order
+    assert not all(np.array_equal(x, y) for x, y in zip(a, other))  # another seed, another order
+    assert not all(np.array_equal(x, y) for x, y in zip(a, plain))  # shuffled at all
+    rows = lambda bs: sorted(map(tuple, np.concatenate(bs).tolist()))  # noqa: E731
+    assert rows(a) == rows(plain)  # the buffer drains at the end: every sequence comes out once
+
+
+def test_loader_state_resumes_the_stream_exactly(tmp_path, monkeypatch):
+    """The state attached to batch k, saved in a checkpoint file and loaded into a new stream, continues
+    with batch k+1 -- mid-shard, mid-frame, across shards and epochs -- with the same hash and counts."""
+    monkeypatch.setattr(train, "GROUP_CHARS", 300)  # read in small groups, so positions fall mid-shard
+    shards = [write_shard(tmp_path / f"{i}.jsonl.zst", words(15, seed=i), frames=3) for i in range(2)]
+
+    def make():
+        return train.BatchStream(shards, BYTES, 15, 3, seed=3, shuffle_buffer=10, vocab_size=257)
+
+    reference = make()
+    expected = [reference.next_batch() for _ in range(120)]
+    assert reference.epoch >= 1  # the run went round the shards more than once
+    loader = train.Loader(make(), depth=4)
+    items = [next(loader) for _ in range(100)]
+    loader.close()
+    for k in (1, 17, 55, 100):
+        batch, state = items[k - 1]
+        assert np.array_equal(batch["targets"], expected[k - 1][:, 1:])
+        path = str(tmp_path / "ckpt.npz")
+        train.save_checkpoint(path, {"w": np.ones(3, np.float32)}, state, {"step": k})
+        meta, leaves, loaded = train.load_checkpoint(path)
+        assert meta["step"] == k and np.array_equal(leaves[0], np.ones(3))
+        resumed = make()
+        resumed.load_state(loaded)
+        assert all(np.array_equal(resumed.next_batch(), b) for b in expected[k:])
+        assert resumed.data_hash == reference.data_hash
+        assert np.array_equal(resumed.counts, reference.counts)
+
+
+def test_batches_do_not_depend_on_the_model(tmp_path):
+    path = write_shard(tmp_path / "m.jsonl.zst", words(100))
+    streams = {}
+    for model in ("leviathan", "dense"):
+        args = train.parse_args(["--size", "tiny", "--model", model, "--data", path, "--tokenizer", "bytes",
+                                 "--seq-len", "16", "--batch-size", "4", "--shuffle-buffer", "8"])
+        streams[model] = train.make_stream(args, BYTES, [path])
+    for _ in range(20):
+        assert np.array_equal(streams["leviathan"].next_batch(), streams["dense"].next_batch())
+    assert streams["leviathan"].data_hash == streams["dense"].data_hash != "0" * 32
+
+
+def test_resume_refuses_other_settings_but_accepts_a_new_lr_or_length():
+    old = {"config": {"lr": 1e-3, "steps": 8, "warmup_steps": 1, "seq_len": 32}, "seed": 0, "data": ["a"]}
+    longer = {"config": {"lr": 5e-4, "steps": 20, "warmup_steps": 2, "seq_len": 32}, "seed": 0, "data": ["a"]}
+    assert train.changed_settings(old, longer) == []
+    other = {"config": {"lr": 1e-3, "steps": 8, "warmup_steps": 1, "seq_len": 64}, "seed": 1, "data": ["b"]}
+    assert train.changed_settings(old, other) == ["seed", "data", "seq_len"]
+
+
+def test_counts_on_the_command_line():
+    assert [train.count(x) for x in ("2000000", "2e6", "2M", "1.5B", "64k")] == [2_000_000] * 3 + [
+        1_500_000_000, 64_000]
+    args = train.parse_args(["--tokens", "2B", "--size", "tiny"])
+    assert args.tokens == 2_000_000_000 and args.eval_tokens == 2_000_000
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+
+class ShardServer:
+    """Serves a folder on 127.0.0.1 with ETag and Range/If-Range. The first `drops` responses are cut
+    off after `drop_after` bytes; `version` is the ETag, so changing it imitates a changed file."""
+
+    def __init__(self, root, drops=0, drop_after=0):
+        self.root, self.drops, self.drop_after, self.version, self.starts = root, drops, drop_after, 1, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path = os.path.join(server.root, self.path.lstrip("/"))
+                if not os.path.isfile(path):
+                    return self.send_error(404)
+                data, etag = open(path, "rb").read(), f'"v{server.version}"'
+                start = 0
+                if self.headers.get("Range") and self.headers.get("If-Range") == etag:
+                    start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+                server.starts.append(start)
+                self.send_response(206 if start else 200)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(len(data) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if server.drops:
+                    server.drops -= 1
+                    self.wfile.write(data[start:start + server.drop_after])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                else:
+                    self.wfile.write(data[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = ShardServer(str(tmp_path))
+    yield server
+    server.close()
+
+
+def test_http_stream_reconnects_mid_shard_with_range(tmp_path, server):
+    path = write_shard(tmp_path / "web.jsonl.zst", words(3000), frames=2)
+    size = os.path.getsize(path)
+    server.drops, server.drop_after = 2, size // 3  # two drops: at 1/3 and at 2/3 of the file
+
+    def tokens(source):
+        stream = train.BatchStream([source], BYTES, 31, 8, shuffle_buffer=0, loop=False)
+        return np.concatenate(all_batches(stream))
+
+    from_disk = tokens(path)
+    from_http = tokens(f"{server.url}/web.jsonl.zst")
+    assert server.starts == [0, size // 3, 2 * (size // 3)]  # resumed where each drop happened
+    assert np.array_equal(from_http, from_disk)
+
+
+def test_http_file_that_changed_is_not_spliced(tmp_path, server):
+    path = write_shard(tmp_path / "web.jsonl.zst", words(3000))
+    server.drops, server.drop_after = 1, os.path.getsize(path) // 2
+    reader = train.HTTPReader(f"{server.url}/web.jsonl.zst")
+    assert len(reader.read(1 << 20)) == server.drop_after
+    server.version = 2  # the file changes on the server while we read it
+    with pytest.raises(train.DataError, match="changed on the server"):
+        reader.read(1 << 20)
+
+
+# --- evaluation by token frequency -------------------------------------------------------------------
+
+
+def test_frequency_buckets_cut_sorted_ids_into_equal_token_mass():
+    assert train.frequency_buckets(np.ones(10, np.int64)).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    #         id: 0   1   2   3   4  5  6  7  8   9   (sorted: 1, 9, 4, 2, 3, 6, 7, then the unseen)
+    counts = np.array([0, 50, 10, 10, 30, 0, 5, 5, 0, 40])  # mass before each: 0, 50, 90, 120, ... of 150
+    assert train.frequency_buckets(counts).tolist() == [4, 0, 4, 4, 3, 4, 4, 4, 4, 1]  # bucket 2 empty
+    assert train.frequency_buckets(np.zeros(6, np.int64)).tolist() == [4] * 6  # nothing seen yet
+
+    rng = np.random.default_rng(0)
+    counts = rng.zipf(1.3, 5000) * (rng.random(5000) < 0.8)  # a long tail, a fifth never seen
+    buckets = train.frequency_buckets(counts)
+    assert buckets.shape == (5000,) and set(np.unique(buckets)) <= set(range(5))  # a partition
+    order = np.lexsort((np.arange(5000), -counts))
+    assert np.all(np.diff(buckets[order]) >= 0)  # more frequent ids never in a rarer bucket
+    assert np.all(buckets[counts == 0] == 4)
+    mass = np.bincount(buckets, weights=counts, minlength=5) / counts.sum()
+    assert np.all(mass[mass > 0] <= 0.2 + counts.max() / counts.sum())
+
+
+def test_bucket_losses_average_to_the_validation_loss():
+    rng = np.random.default_rng(1)
+    targets, losses = rng.integers(0, 50, (6, 32)), rng.random((6, 32)) * 10
+    buckets = train.frequency_buckets(np.r_[rng.integers(1, 100, 40), np.zeros(10, int)])
+    summary = train.loss_summary(losses, targets, buckets, n_bytes=500)
+    n, loss = np.array(summary["val_bucket_tokens"]), summary["val_bucket_loss"]
+    assert n.sum() == targets.size
+    weighted = sum(k * x for k, x in zip(n, loss) if x is not None) / n.sum()
+    assert weighted == pytest.approx(summary["val_loss"], rel=1e-12)
+    assert summary["val_loss"] == pytest.approx(losses.mean(), rel=1e-12)
+    assert summary["val_bpb"] == pytest.approx(losses.sum() / 500 / np.log(2), rel=1e-12)
+    assert all((x is None) == (k == 0) for k, x in zip(n, loss))
+
+
+def test_loader_throughput_measures_the_whole_loader():
+    shards = [os.path.join(HERE, MINIPILE, f"{i:02d}.jsonl.zst") for i in (0, 1)]
+    result = train.loader_throughput(shards, "o200k_base", seq_len=64, batch_size=8, seconds=None,
+                                     max_batches=5, shuffle_buffer=32)
+    assert result["batches"] == 5 and result["tokens"] == 5 * 8 * 65
+    assert result["tokens_per_s"] > 1000 and result["fill_seconds"] > 0
+
+
+# --- bad input: one sentence on stderr, non-zero exit ---------------------------------------------------
+
+VAL = os.path.join(HERE, MINIPILE, "val.jsonl.zst")
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/00.jsonl.zst"
+
+
+@pytest.mark.parametrize("case", ["missing", "no match", "corrupt", "truncated", "404", "no network",
+                                  "resume without checkpoint", "existing run", "unknown tokenizer"])
+def test_bad_input_ends_with_one_sentence(case, tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setattr(train, "HTTP_BACKOFF", 0.01)
+    good = write_shard(tmp_path / "good.jsonl.zst", words(50))
+    blob = open(good, "rb").read()
+    (tmp_path / "corrupt.jsonl.zst").write_bytes(b"this is not zstd" * 10)
+    (tmp_path / "truncated.jsonl.zst").write_bytes(blob[: len(blob) // 2])
+    os.makedirs(tmp_path / "existing")
+    (tmp_path / "existing" / "ckpt.npz").write_bytes(b"a checkpoint to keep")
+    data, extra, named = {
+        "missing": (str(tmp_path / "nope.jsonl.zst"), [], "nope.jsonl.zst does not exist"),
+        "no match": (str(tmp_path / "*.jsonl.gz"), [], "matches no file"),
+        "corrupt": (str(tmp_path / "corrupt.jsonl.zst"), [], "corrupt.jsonl.zst is corrupt"),
+        "truncated": (str(tmp_path / "truncated.jsonl.zst"), [], "truncated.jsonl.zst is truncated"),
+        "404": (f"{server.url}/absent.jsonl.zst", [], "absent.jsonl.zst answered HTTP 404"),
+        "no network": (closed_port_url(), [], "could not be read after"),
+        "resume without checkpoint": (good, ["--resume"], "--resume found no checkpoint"),
+        "existing run": (good, ["--out", str(tmp_path / "existing")], "already holds a run"),
+        "unknown tokenizer": (good, ["--tokenizer", "nope"], "unknown --tokenizer 'nope'"),
+    }[case]
+    argv = ["--size", "tiny", "--data", data, "--val-data", VAL, "--steps", "2", "--batch-size", "2",
+            "--seq-len", "16", "--shuffle-buffer", "4", "--eval-tokens", "64", "--out", str(tmp_path / "run"),
+            *extra]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and named in err, err
+    assert not os.path.exists(tmp_path / "run" / "ckpt.npz")
+    assert (tmp_path / "existing" / "ckpt.npz").read_bytes() == b"a checkpoint to keep"
+
+
+def test_unknown_size_lists_the_valid_ones():
+    result = subprocess.run([sys.executable, "train.py", "--size", "7B"], cwd=HERE, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "'7B'" in result.stderr and all(name in result.stderr for name in lv.SIZES)
+
+
+# --- end to end: train.py --size tiny on ../shared/minipile ------------------------------------------
+
+RUN = ["--size", "tiny", "--data", f"{MINIPILE}/00.jsonl.zst", f"{MINIPILE}/01.jsonl.zst",
+       "--val-data", f"{MINIPILE}/val.jsonl.zst", "--steps", "8", "--batch-size", "4", "--seq-len", "32",
+       "--shuffle-buffer", "64", "--eval-every", "4", "--eval-tokens", "512", "--log-every", "1",
+       "--ckpt-every", "2", "--lr", "3e-3"]
+TIMING = ("tok_per_s", "mfu", "elapsed_s")  # the only fields that may differ between identical runs
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment: one device, and a compilation cache shared by this file's runs."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def start(args, env, **kwargs):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=HERE, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def wait_for_step(proc, out, step, timeout=120):
+    """Wait until the run has logged `step`; it must still be running then."""
+    deadline = time.time() + timeout
+    log = os.path.join(out, "log.jsonl")
+    while not (os.path.exists(log) and any(r["step"] >= step for r in read_log(out))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run did not reach the step in time"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """An uninterrupted 8-step run: the end-to-end test and the resume test compare against it."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    proc = start([*RUN, "--out", out], env)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return out, stdout
+
+
+def test_end_to_end_tiny_run_on_minipile(reference):
+    out, stdout = reference
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    for r in log:
+        assert {"step", "tokens", "train_loss", "lr", "grad_norm", "tok_per_s", "data_hash"} <= r.keys()
+        assert r["tokens"] == r["step"] * 4 * 32 and len(r["data_hash"]) == 32
+    assert len({r["data_hash"] for r in log}) == 8
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.3  # the loss falls
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    for r in evals:
+        assert sum(r["val_bucket_tokens"]) == 512 and len(r["val_bucket_loss"]) == 5
+        weighted = sum(n * x for n, x in zip(r["val_bucket_tokens"], r["val_bucket_loss"]) if n) / 512
+        assert weighted == pytest.approx(r["val_loss"], rel=1e-9)
+        assert 0 < r["val_bpb"] < r["val_loss"] / np.log(2)  # more than one byte per token
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    cfg = lv.Config(**config["config"])  # the run can be rebuilt from config.json
+    assert (cfg.model, cfg.steps, cfg.seq_len, cfg.batch_size, cfg.lr) == ("leviathan", 8, 32, 4, 3e-3)
+    assert config["model"] == "leviathan" and config["size"] == "tiny" and config["seed"] == 0
+    assert config["n_params"] == lv.param_counts(cfg) and config["val_tokens"] == 512
+    assert train.load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["step"] == 8
+    assert "MFU n/a" in stdout and "ETA" in stdout
+
+
+def test_ctrl_c_and_kill_9_then_resume_match_the_uninterrupted_run(reference, tmp_path, env):
+    out = str(tmp_path / "run")
+
+    def checkpointed():
+        return train.load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["step"]
+
+    proc = start([*RUN, "--out", out], env)  # 1. Ctrl-C: saves the step it finishes and exits
+    wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in stderr and stderr.count("\n") == 1
+    stopped = checkpointed()
+    assert stopped == max(r["step"] for r in read_log(out)) < 6
+
+    proc = start([*RUN, "--out", out, "--resume"], env)  # 2. resumed, then kill -9 two steps later
+    wait_for_step(proc, out, stopped + 2)
+    proc.kill()
+    proc.wait()
+    resumed_from = checkpointed()  # the last checkpoint the killed run wrote
+    assert stopped <= resumed_from < 8
+
+    proc = start([*RUN, "--out", out, "--resume"], env)  # 3. resumed to the end
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert f"resuming at step {resumed_from}" in stdout
+
+    def strip(log):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in log]
+
+    assert strip(read_log(out)) == strip(read_log(reference[0]))  # losses and data_hash bitwise equal
+
+
+def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):
+    out = str(tmp_path / "nan")
+    proc = start(["--size", "tiny", "--model", "dense", "--tokenizer", "bytes",
+                  "--data", f"{MINIPILE}/00.jsonl.zst", "--val-data", f"{MINIPILE}/val.jsonl.zst",
+                  "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+                  "--shuffle-buffer", "16", "--eval-tokens", "256", "--log-every", "1", "--ckpt-every", "1",
+                  "--lr", "1e30", "--out", out], env)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr
+    bad = int(re.search(r"diverged by step (\d+)", stderr).group(1))  # every step before it was saved
+    assert bad >= 2 and f"last good checkpoint (step {bad - 1}) is kept" in stderr
+    assert train.load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["step"] == bad - 1
+    assert [r["step"] for r in read_log(out)] == list(range(1, bad))
+
+# ================================================================================================
+# plot.py
+# ================================================================================================
+
+A, ALPHA, BETA, FLOOR = 400.0, 0.3, 0.5, 1.69  # true law: L = FLOOR + A N^-ALPHA (D_FINAL / D)^BETA
+D_FINAL, STEPS = 10_000_000, 10
+BUCKET_TOKENS = [400, 300, 150, 100, 50]
+BUCKET_OFFSETS = [-1.0, -0.5, 0.5, 1.5, 3.0]  # loss per bucket = val_loss + offset - weighted mean offset
+
+
+def bucket_losses(val_loss, rare_bonus=0.0):
+    """Per-bucket losses whose token-weighted mean is exactly val_loss."""
+    offsets = np.array(BUCKET_OFFSETS) - rare_bonus * np.arange(5)
+    offsets -= np.dot(offsets, BUCKET_TOKENS) / sum(BUCKET_TOKENS)
+    return list(val_loss + offsets)
+
+
+def write_run(root, name, model, size, n_params, *, seed=0, n_effective=None, beta=BETA,
+              eval_every=2, diverge_at=None, resumed=False):
+    """A run folder whose final val loss is the dense law at n_effective (default n_params)."""
+    run = Path(root) / name
+    run.mkdir(parents=True)
+    config = {"size": size, "model": model, "seed": seed, "n_params": n_params, "dense_params": n_params,
+              "tokenizer": "bytes", "batch_size": 8, "seq_len": 128, "config": {"model": model}}
+    (run / "config.json").write_text(json.dumps(config))
+    lines = []
+    for step in range(1, STEPS + 1):
+        tokens = step * D_FINAL // STEPS
+        loss = FLOOR + A * (n_effective or n_params) ** -ALPHA * (D_FINAL / tokens) ** beta
+        record = {"step": step, "tokens": tokens, "train_loss": loss + 0.1, "lr": 1e-3, "grad_norm": 1.0,
+                  "tok_per_s": 1e4, "data_hash": f"{step:08x}" + ("ff" if diverge_at and step >= diverge_at else "")}
+        if eval_every and step % eval_every == 0:
+            record.update(val_loss=loss, val_bpb=loss / math.log(2) / 4, val_bucket_tokens=BUCKET_TOKENS,
+                          val_bucket_loss=bucket_losses(loss, 0.3 if model == "leviathan" else 0.0))
+        lines.append(json.dumps(record))
+    if resumed:  # crashed after step 6, resumed from the step-4 checkpoint: steps 5 and 6 logged twice
+        stale = [json.dumps({"step": s, "tokens": 1, "train_loss": 99.0}) for s in (5, 6)]
+        lines = lines[:4] + stale + lines[4:]
+    (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def write_pair(root, size, n_params, multiplier, seed=0, diverge_at=None):
+    """A dense run and a Leviathan run that behaves as a dense one `multiplier` times larger."""
+    write_run(root, f"dense_{size}", "dense", size, n_params, seed=seed, diverge_at=diverge_at)
+    write_run(root, f"leviathan_{size}", "leviathan", size, n_params, seed=seed,
+              n_effective=multiplier * n_params, beta=0.6)
+
+
+def run_plot(capsys, *args):
+    code = plot.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(stdout):
+    """The printed markdown table as a list of {column: cell} dicts."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+def assert_figures(out, names=("loss_curves", "scaling", "data_scaling", "rare_tokens"), ext="png"):
+    for name in names:
+        path = out / f"{name}.{ext}"
+        assert path.is_file() and path.stat().st_size > 1000, path
+    assert "| run |" in (out / "summary.md").read_text()
+
+
+def test_fit_recovers_known_law_and_n_eff_inverts_it():
+    N = np.array([1e6, 3e6, 1e7, 3e7, 1e8])
+    A_fit, alpha_fit, b = plot.fit_power_law(N, FLOOR + A * N ** -ALPHA)
+    assert A_fit == pytest.approx(A, rel=1e-9) and alpha_fit == pytest.approx(ALPHA, rel=1e-9) and b == FLOOR
+    for n in (2e6, 5e7, 7.25e8):
+        loss = plot.power_law(n, A_fit, alpha_fit, b)
+        assert plot.effective_params(loss, A_fit, alpha_fit, b) == pytest.approx(n, rel=1e-9)
+
+
+def test_free_b_fit_recovers_the_floor():
+    N = np.geomspace(1e6, 1e9, 6)
+    A_fit, alpha_fit, b = plot.fit_power_law(N, 1.5 + 50 * N ** -0.25, b=None)
+    assert b == pytest.approx(1.5, abs=1e-4)
+    assert alpha_fit == pytest.approx(0.25, rel=1e-3) and A_fit == pytest.approx(50, rel=1e-2)
+
+
+def test_fits_that_cannot_be_made_raise_a_sentence():
+    with pytest.raises(plot.FitError, match="at or below b"):
+        plot.fit_power_law([1e6, 1e7], [1.5, 1.6])
+    with pytest.raises(plot.FitError, match="two or more distinct"):
+        plot.fit_power_law([1e6, 1e6], [3.0, 2.9])
+    with pytest.raises(plot.FitError, match="three or more"):
+        plot.fit_power_law([1e6, 1e7], [3.0, 2.5], b=None)
+    with pytest.raises(plot.FitError, match="floor"):
+        plot.effective_params(1.6, A, ALPHA, FLOOR)
+
+
+def test_bucket_losses_recombine_to_the_overall_loss(tmp_path):
+    assert plot.combine_buckets([2.0, 4.0, None], [3, 1, 0]) == pytest.approx(2.5)
+    assert plot.combine_buckets([None, None], [0, 0]) is None
+    run = plot.read_run(write_run(tmp_path, "lev", "leviathan", "1M", 1e6))
+    losses, counts, overall = plot.final_buckets(run)
+    assert counts == BUCKET_TOKENS and losses[4] > losses[0]
+    assert overall == pytest.approx(run["evals"][-1]["val_loss"], rel=1e-12)
+    assert plot.bucket_bars((losses, counts, overall))[-1] == overall  # the "all" bar
+    run["evals"][-1]["val_bucket_tokens"] = [50, 100, 150, 300, 400]  # weights that no longer fit
+    plot.WARNINGS.clear()
+    plot.final_buckets(run)
+    assert len(plot.WARNINGS) == 1 and "bucket losses average to" in plot.WARNINGS[0]
+
+
+def test_resumed_log_keeps_the_last_line_of_each_step(tmp_path):
+    run = write_run(tmp_path, "r", "dense", "1M", 1e6, resumed=True)
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 11, "tok')  # a line cut off by a crash
+    log, unreadable = plot.read_log(run / "log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1)) and unreadable == 1
+    assert [r["tokens"] for r in log] == [s * D_FINAL // STEPS for s in range(1, STEPS + 1)]
+
+
+def test_pair_writes_figures_table_and_says_why_scaling_is_not_fitted(tmp_path, capsys):
+    write_pair(tmp_path / "runs", "1M", 1_000_000, 2.0)
+    code, out, err = run_plot(capsys, tmp_path / "runs", "--out", tmp_path / "plots")
+    assert code == 0
+    assert_figures(tmp_path / "plots")
+    rows = {row["run"]: row for row in table_rows(out)}
+    assert set(rows) == {"dense_1M", "leviathan_1M"} and rows["dense_1M"]["pair"] == "matched"
+    assert float(rows["leviathan_1M"]["beta (tokens)"]) == pytest.approx(0.6, rel=1e-3)
+    assert "no dense scaling fit L(N): it needs dense runs with validation points at two or more sizes" in err
+    assert "not a matched comparison" not in err and "Traceback" not in err
+    assert all(line.startswith("warning: ") for line in err.splitlines())
+
+
+def test_ladder_recovers_known_multipliers_and_exponents(tmp_path, capsys):
+    multipliers = {"10M": 1.5, "20M": 1.7, "40M": 1.9, "80M": 2.1}
+    for size, k in multipliers.items():
+        write_pair(tmp_path, size, int(size[:-1]) * 1_000_000, k)
+    code, out, err = run_plot(capsys, tmp_path, "--format", "svg")
+    assert code == 0 and err == ""
+    assert_figures(tmp_path / "plots", ext="svg")
+    rows = {row["run"]: row for row in table_rows(out)}
+    for size, k in multipliers.items():
+        assert rows[f"leviathan_{size}"]["multiplier"] == f"{k:.2f}x"
+        assert float(rows[f"dense_{size}"]["beta (tokens)"]) == pytest.approx(BETA, rel=1e-3)
+    assert float(rows["dense_10M"]["alpha (params)"]) == pytest.approx(ALPHA, rel=1e-3)
+    assert float(rows["leviathan_10M"]["alpha (params)"]) > ALPHA  # the gain grows with size here
+    assert "Leviathan alpha" in out and "(larger;" in out
+
+
+def test_free_b_option_refits_the_floor(tmp_path, capsys):
+    for size in ("10M", "20M", "40M", "80M"):
+        write_run(tmp_path, f"dense_{size}", "dense", size, int(size[:-1]) * 1_000_000)
+    code, out, err = run_plot(capsys, tmp_path, "--free-b")
+    assert code == 0
+    assert "dense law: L(N) = 400 N^-0.3000 + 1.69" in out
+
+
+def test_run_without_eval_points_gets_one_sentence_and_other_figures(tmp_path, capsys):
+    write_pair(tmp_path, "1M", 1_000_000, 2.0)
+    write_pair(tmp_path, "4M", 4_000_000, 2.0)
+    write_run(tmp_path, "dense_1M_s1", "dense", "1M", 1_000_000, seed=1, eval_every=0)
+    write_run(tmp_path, "leviathan_1M_s1", "leviathan", "1M", 1_000_000, seed=1, eval_every=5)
+    code, out, err = run_plot(capsys, tmp_path)
+    assert code == 0
+    assert "warning: run dense_1M_s1 has no validation points, so it has no final loss and no fits.\n" in err
+    assert err.count("dense_1M_s1") == 1
+    assert ("warning: run leviathan_1M_s1 has no data-scaling fit L(D): it has 2 validation point(s) "
+            "after the first token and needs 3.") in err
+    assert_figures(tmp_path / "plots")
+    rows = {row["run"]: row for row in table_rows(out)}
+    assert rows["dense_1M_s1"]["final val loss"] == "-" and rows["leviathan_1M_s1"]["beta (tokens)"] == "-"
+    assert rows["leviathan_4M"]["multiplier"] == "2.00x"
+
+
+def test_unmatched_pair_is_warned_and_marked(tmp_path, capsys):
+    write_pair(tmp_path, "1M", 1_000_000, 2.0, diverge_at=6)
+    code, out, err = run_plot(capsys, tmp_path, "--out", tmp_path / "o")
+    assert code == 0
+    assert ("warning: pair 1M/seed 0 saw different tokens at step 6 (data_hash differs); "
+            "it is not a matched comparison.") in err
+    assert {row["pair"] for row in table_rows(out)} == {"NOT matched"}
+    assert_figures(tmp_path / "o")
+
+
+def test_loss_at_or_below_the_floor_gets_a_sentence_not_a_traceback(tmp_path, capsys):
+    write_pair(tmp_path, "1M", 1_000_000, 2.0)
+    write_pair(tmp_path, "4M", 4_000_000, 2.0)
+    code, out, err = run_plot(capsys, tmp_path, "--b", "7")
+    assert code == 0 and "Traceback" not in err
+    assert "warning: no dense scaling fit L(N): a loss of 5.873 is at or below b = 7" in err
+
+
+def test_empty_or_invalid_folder_exits_1(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    code, out, err = run_plot(capsys, tmp_path)
+    assert code == 1 and out == ""
+    assert err.splitlines()[-1].startswith("error: found no readable run folder")
+
+
+def test_command_line_runs_headless_without_jax(tmp_path):
+    write_pair(tmp_path / "runs", "1M", 1_000_000, 2.0)
+    here = Path(plot.__file__).parent
+    done = subprocess.run([sys.executable, "plot.py", str(tmp_path / "runs"), "--out", str(tmp_path / "o")],
+                          cwd=here, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "| leviathan_1M | leviathan |" in done.stdout
+    assert (tmp_path / "o" / "loss_curves.png").stat().st_size > 1000
+    check = subprocess.run([sys.executable, "-c", "import sys, plot; sys.exit('jax' in sys.modules)"],
+                           cwd=here, timeout=60)
+    assert check.returncode == 0
