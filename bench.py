@@ -3,6 +3,7 @@
     python bench.py --size 60M --batch-size 8 --micro-batch 8       # model step time, both models
     python bench.py --size 421M --batch-size 64 --micro-batch 16    # on a GPU (bfloat16 by default)
     python bench.py --loader                                         # data loader tokens/s
+    python bench.py --loader --data ../shared/minipile/00.jsonl.zst ../shared/minipile/01.jsonl.zst
 
 Model mode runs warm-up then timed optimizer steps on synthetic batches whose ids follow a Zipf law
 (about as many distinct ids per batch as real text; or real tokens with --data) and prints, per
@@ -32,7 +33,7 @@ def real_tokens(paths, n_seqs, seq_len):
     """Sequences packed from local .jsonl.zst shards with the o200k tokenizer (first n_seqs)."""
     import train
 
-    stream = train.token_sequences(paths, train.tokenizer("o200k_base"), seq_len)
+    stream = train.token_sequences(train.resolve_sources(paths, "--data"), train.tokenizer("o200k_base"), seq_len)
     return np.stack([next(stream) for _ in range(n_seqs)]).astype(np.int32)
 
 
@@ -126,9 +127,14 @@ def run_loader(args):
     import train
 
     paths = args.data or ["../shared/minipile/00.jsonl.zst", "../shared/minipile/01.jsonl.zst"]
-    result = train.loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
-                                     seconds=args.seconds)
-    print(f"loader: {result['tokens_per_s']:,.0f} tokens/s ({result})")
+    try:
+        result = train.loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
+                                         seconds=args.seconds, threads=args.threads)
+    except train.UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"loader: {result['tokens_per_s']:,.0f} tokens/s, o200k_base, {result['batches']} batches of "
+          f"{args.batch_size} x {args.seq_len + 1} tokens in {result['seconds']:.1f} s after a "
+          f"{result['fill_seconds']:.1f} s shuffle-buffer fill, {args.threads} tokenizer thread(s)")
     return result
 
 
@@ -145,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     parser.add_argument("--loader", action="store_true", help="measure the data loader alone")
     parser.add_argument("--seconds", type=float, default=20.0, help="loader mode: how long")
+    parser.add_argument("--threads", type=int, default=1, help="loader mode: tokenizer threads")
     args = parser.parse_args(argv)
     return run_loader(args) if args.loader else run_models(args)
 

@@ -233,13 +233,15 @@ def generator_head(head, z, cfg):
     """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model).
 
     The seed coordinate d leads the big intermediates, so the spline mixing is one batched matmul
-    per coordinate, (U, G) @ (G, R), and the product runs over the leading axis."""
-    h = layer_norm(z @ head["W"], head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
+    per coordinate, (U, G) @ (G, R), and the product runs over the leading axis. Matmuls are full
+    float32 (no TF32 on GPUs): 128 factors would multiply its rounding errors."""
+    f32 = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    h = layer_norm(f32(z, head["W"]), head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
     u = jax.nn.sigmoid(h / 2).T  # (d_seed, U) in (0, 1)
     basis = spline_basis(u, cfg.gen_knots)  # (d_seed, U, G)
-    phi = jnp.einsum("dug,dgr->dur", basis, 1.0 + head["delta"])  # (d_seed, U, R)
+    phi = f32(basis, 1.0 + head["delta"])  # (d_seed, U, R): phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]
     modes = separable_product(phi)  # (U, R)
-    return modes @ head["Wout"]  # (U, D)
+    return f32(modes, head["Wout"])  # (U, D)
 
 
 def generate(gen, ids, cfg):
@@ -248,7 +250,7 @@ def generate(gen, ids, cfg):
     z = gen["codebooks"][jnp.arange(cfg.k), digits].sum(-2)  # (U, d_seed) = C1[i1] + C2[i2] + C3[i3]
     heads = {name: gen[name] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
     # Heads run one after another (lax.scan) and are recomputed in the backward pass (checkpoint),
-    # so only one head's (U, d_seed, rank) intermediates are alive at a time.
+    # so only one head's (d_seed, U, rank) intermediates are alive at a time.
     head_fn = jax.checkpoint(functools.partial(generator_head, cfg=cfg))
 
     def add_head(e, head):

@@ -1068,3 +1068,23 @@ def test_command_line_runs_headless_without_jax(tmp_path):
     check = subprocess.run([sys.executable, "-c", "import sys, plot; sys.exit('jax' in sys.modules)"],
                            cwd=here, timeout=60)
     assert check.returncode == 0
+
+
+# ================================================================================================
+# bench.py
+# ================================================================================================
+
+
+def test_bench_times_both_models_and_the_loader(capsys):
+    import bench
+
+    results = bench.main(["--size", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert set(results) == {"leviathan", "dense"} and "Leviathan / dense step time:" in out
+    for r in results.values():
+        assert r["ms_per_step"] > 0 and r["compile_s"] > 0 and 0 < r["generator_share"] < 1.5
+        assert r["compiled_mem_gb"] > 0 and r["mfu"] is None  # no known peak on a CPU
+    assert results["leviathan"]["params"] == 15_241_152
+    loader = bench.main(["--loader", "--seconds", "1", "--seq-len", "64", "--batch-size", "8", "--data",
+                         f"{MINIPILE}/val.jsonl.zst"])
+    assert loader["tokens_per_s"] > 0 and loader["batches"] >= 1

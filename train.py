@@ -3,9 +3,9 @@
     python train.py --size 60M                  # GPU: streams the uncopyrighted Pile over HTTP
     python train.py --size 60M --model dense    # its matched dense twin, on the identical tokens
     python train.py --size 60M --resume         # continue a stopped run exactly where it stopped
-    python train.py --size tiny --data ../shared/minipile/0*.jsonl.zst \\
-        --val-data ../shared/minipile/val.jsonl.zst --steps 300 --batch-size 16 --seq-len 128   # CPU
-    python train.py --bench-data --data ../shared/minipile/0*.jsonl.zst   # the loader's tokens/s
+    python train.py --size tiny --data ../shared/minipile/00.jsonl.zst ../shared/minipile/01.jsonl.zst \\
+        --val-data ../shared/minipile/val.jsonl.zst --steps 200 --batch-size 16 --seq-len 128 \\
+        --eval-every 25 --eval-tokens 16384                                  # CPU, ~15 minutes
 
 A run folder (--out, default runs/<size>-<model>) holds config.json, log.jsonl (one JSON object per
 logged step, read by plot.py) and ckpt.npz (the last good checkpoint). The file reads top to bottom:
@@ -18,7 +18,7 @@ logged step, read by plot.py) and ckpt.npz (the last good checkpoint). The file 
   5. Validation: a fixed token budget, bits per byte, loss by token-frequency bucket
   6. Checkpoints and logs
   7. The training run
-  8. Loader benchmark
+  8. Loader throughput (bench.py --loader prints it)
 """
 
 import argparse
@@ -128,8 +128,6 @@ def parse_args(argv=None):
     add("--shuffle-buffer", type=int, default=10_000, help="sequences shuffled (default %(default)s)")
     add("--loader-threads", type=int, default=max(1, min(8, (os.cpu_count() or 1) - 2)),
         help="tokenizer threads (default %(default)s)")
-    add("--bench-data", action="store_true", help="print the loader's tokens/s on --data and exit")
-    add("--bench-seconds", type=float, default=20.0, help="how long --bench-data runs (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -842,7 +840,7 @@ def train(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. Loader benchmark
+# 8. Loader throughput (bench.py --loader prints it)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -871,14 +869,6 @@ def loader_throughput(paths, encoding="o200k_base", seq_len=512, batch_size=512,
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.bench_data:
-            result = loader_throughput(args.data or DEFAULT_DATA, args.tokenizer, args.seq_len,
-                                       args.batch_size, args.bench_seconds, None, args.shuffle_buffer,
-                                       args.seed, args.loader_threads)
-            print(json.dumps(result))
-            print(f"loader: {result['tokens_per_s']:,.0f} tokens/s with {args.loader_threads} "
-                  "tokenizer thread(s)")
-            return 0
         return train(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
