@@ -114,7 +114,7 @@ def load_runs(paths):
 
 def run_order(run):
     """Smallest first, a pair's two runs together."""
-    params = run["config"].get("dense_params") or run["n_params"] or 0
+    params = run["config"].get("n_params_dense_twin") or run["n_params"] or 0  # as train.py writes it
     return params, run["size"], str(run["seed"]), run["model"]
 
 

@@ -880,7 +880,7 @@ def write_run(root, name, model, size, n_params, *, seed=0, n_effective=None, be
     """A run folder whose final val loss is the dense law at n_effective (default n_params)."""
     run = Path(root) / name
     run.mkdir(parents=True)
-    config = {"size": size, "model": model, "seed": seed, "n_params": n_params, "dense_params": n_params,
+    config = {"size": size, "model": model, "seed": seed, "n_params": n_params, "n_params_dense_twin": n_params,
               "tokenizer": "bytes", "batch_size": 8, "seq_len": 128, "config": {"model": model}}
     (run / "config.json").write_text(json.dumps(config))
     lines = []
