@@ -778,11 +778,11 @@ def train(args):
         return f"the last good checkpoint (step {last_saved}) is kept: lower --lr and resume from it"
 
     def batches():
-        """(host batch, (data state after it, padded id count)) for lv.train_loop."""
+        """(host batch, (data state after it, distinct ids in it)) for lv.train_loop."""
         item = r.first
         while True:
             batch, data_state = item
-            yield batch, (data_state, len(batch["ids"]))
+            yield batch, (data_state, int(batch["inverse"].max()) + 1)  # ids before padding
             try:
                 item = next(r.loader)
             except DataError as error:
