@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+import data
 import leviathan as lv
 
 
@@ -31,9 +32,7 @@ def zipf_tokens(rng, n_seqs, seq_len, vocab_size, exponent=1.0):
 
 def real_tokens(paths, n_seqs, seq_len):
     """Sequences packed from local .jsonl.zst shards with the o200k tokenizer (first n_seqs)."""
-    import train
-
-    stream = train.token_sequences(train.resolve_sources(paths, "--data"), train.tokenizer("o200k_base"), seq_len)
+    stream = data.token_sequences(data.resolve_sources(paths, "--data"), data.tokenizer("o200k_base"), seq_len)
     return np.stack([next(stream) for _ in range(n_seqs)]).astype(np.int32)
 
 
@@ -124,13 +123,11 @@ def run_models(args):
 
 
 def run_loader(args):
-    import train
-
     paths = args.data or ["../shared/minipile/00.jsonl.zst", "../shared/minipile/01.jsonl.zst"]
     try:
-        result = train.loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
+        result = data.loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
                                          seconds=args.seconds, threads=args.threads)
-    except train.UserError as e:
+    except data.UserError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"loader: {result['tokens_per_s']:,.0f} tokens/s, o200k_base, {result['batches']} batches of "
           f"{args.batch_size} x {args.seq_len + 1} tokens in {result['seconds']:.1f} s after a "

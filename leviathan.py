@@ -9,18 +9,31 @@ digits, adds three tiny codebooks (177 rows in all) into a seed vector, and turn
 embedding with a separable, spline-based generator (2.4M parameters). Everything else is unchanged.
 
 The file reads in the order the idea is explained:
-  1. Config and sizes
-  2. Base-b decomposition of token ids                 i -> (i1, i2, i3)
-  3. Embedding generator                               digits -> seed z -> 8 separable heads -> e
-  4. Transformer body (LLaMA-style)                    RMSNorm, RoPE, causal attention, SwiGLU, head
-  5. Loss
-  6. Optimizer                                         AdamW, clipping, warmup + cosine decay
-  7. Train step                                        one jax.jit: generator once per step,
-                                                       micro-batch accumulation, data parallel
-  8. Training loop
-  9. `python leviathan.py`: the size table and a small offline demo
+   1. Config and sizes
+   2. Base-b decomposition of token ids                 i -> (i1, i2, i3)
+   3. Embedding generator                               digits -> seed z -> 8 separable heads -> e
+   4. Transformer body (LLaMA-style)                    RMSNorm, RoPE, causal attention, SwiGLU, head
+   5. Loss                                              next-token cross-entropy
+   6. Optimizer                                         AdamW, clipping, warmup + cosine decay
+   7. Distinct-id batches                               the host finds each batch's distinct ids
+   8. Train step                                        one jax.jit
+   9. Training loop
+  10. Devices and speed accounting                      mesh, MFU
+  11. `python leviathan.py`: the size table and a small offline demo
 
 Parameters are a plain dict of arrays; the forward pass is a function of (params, tokens).
+
+`forward(params, tokens, cfg)` is the plain reference path: embed every token, run the transformer.
+Training computes the same numbers faster with four tricks, each marked "speed:" where it is used,
+and each checked against the plain path by a test:
+  - distinct ids: the generator runs once per distinct id of the step, not once per position
+    (section 7, `compute_grads`);
+  - lax.scan over generator heads and over layers: one traced copy, so compile time does not grow
+    with depth (`generate_embeddings`, `transformer`);
+  - jax.checkpoint: each head's and each block's activations are recomputed in the backward pass
+    instead of stored;
+  - micro-batches: the body runs over slices of the batch under lax.scan, accumulating gradients,
+    and each device's rows split locally (`split_micro_batches`).
 """
 
 import collections
@@ -40,6 +53,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # ------------------------------------------------------------------------------------------------
 
 MODELS = ("leviathan", "dense")
+DTYPES = ("float32", "bfloat16")  # matmul dtypes of the body (no float16: it would need loss scaling)
+ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +73,17 @@ class Config:
     norm_eps: float = 1e-5  # RMSNorm epsilon (paper unknown: LLaMA's value)
     init_std: float = 0.02  # std of every weight matrix at init (paper: N(0, 0.02^2))
     # embedding generator (paper's v1, reconstructed)
-    k: int = 3  # base-b digits per token id (paper: 3 coordinates)
+    n_digits: int = 3  # base-b digits per token id (paper: k = 3 coordinates)
     d_seed: int = 128  # seed dimension: z = C1[i1] + C2[i2] + C3[i3]
     gen_heads: int = 8  # independent generator heads, summed
     gen_rank: int = 64  # rank-1 separable modes per head
     gen_knots: int = 32  # uniform knots of the quadratic B-spline basis on [0, 1]
+    gen_sigmoid_scale: float = 2.0  # u = sigmoid(LayerNorm(W z) / 2): squashes a seed into (0, 1)
     spline_init_std: float = 0.1  # spline coefficients S = 1 + 0.1 N(0, 1)
     ln_eps: float = 1e-5  # epsilon of the generator's LayerNorm
     # compute
     dtype: str = "float32"  # matmul dtype of the body ("bfloat16" on GPU/TPU); params stay float32
-    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla", or "cudnn" (GPU)
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla", or "cudnn" (NVIDIA)
     remat: bool = True  # recompute each block's activations in the backward pass (saves memory)
     # optimisation (paper: AdamW, clipping, warmup, cosine decay, 512 x 512 tokens per step)
     batch_size: int = 512  # sequences per optimizer step
@@ -87,12 +103,14 @@ class Config:
             raise ValueError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"unknown dtype {self.dtype!r}: use float32 or bfloat16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTION)}")
 
     @property
     def base(self):
-        return digit_base(self.vocab_size, self.k)
+        return digit_base(self.vocab_size, self.n_digits)
 
 
 # The paper's sizes, reconstructed from its parameter counts. The name is the Leviathan model's size;
@@ -143,23 +161,23 @@ def byte_encoding():
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Base-b decomposition: a token id becomes k digits, each indexing a small codebook
+# 2. Base-b decomposition: a token id becomes n_digits digits, each indexing a small codebook
 # ------------------------------------------------------------------------------------------------
 
 
-def digit_base(vocab_size, k):
-    """Smallest b with b**k >= vocab_size, in exact integer arithmetic (59 for 200,376 and k=3)."""
-    b = max(1, round(vocab_size ** (1.0 / k)))  # a float guess, then exact integer correction
-    while b**k < vocab_size:
+def digit_base(vocab_size, n_digits):
+    """Smallest b with b**n_digits >= vocab_size, in exact integer arithmetic (59 for 200,376 and 3)."""
+    b = max(1, round(vocab_size ** (1.0 / n_digits)))  # a float guess, then exact integer correction
+    while b**n_digits < vocab_size:
         b += 1
-    while b > 1 and (b - 1) ** k >= vocab_size:
+    while b > 1 and (b - 1) ** n_digits >= vocab_size:
         b -= 1
     return b
 
 
-def decompose(ids, base, k):
-    """Token ids (...) -> digits (..., k), most significant first: i = i1*b^2 + i2*b + i3 for k=3."""
-    powers = jnp.asarray([base ** (k - 1 - r) for r in range(k)], dtype=jnp.int32)  # (k,)
+def decompose(ids, base, n_digits):
+    """Token ids (...) -> digits (..., n_digits), most significant first: i = i1*b^2 + i2*b + i3."""
+    powers = jnp.asarray([base ** (n_digits - 1 - r) for r in range(n_digits)], dtype=jnp.int32)
     return (jnp.asarray(ids, jnp.int32)[..., None] // powers) % base
 
 
@@ -184,14 +202,15 @@ def init_generator(key, cfg):
     H, ds, G, R, D = cfg.gen_heads, cfg.d_seed, cfg.gen_knots, cfg.gen_rank, cfg.d_model
     k1, k2, k3, k4 = jax.random.split(key, 4)
     std = cfg.init_std
+    out_std = std / math.sqrt(H)  # the sum over H heads then starts with std init_std per mode
     return {
-        "codebooks": std * jax.random.normal(k1, (cfg.k, cfg.base, ds)),  # C_1..C_k
+        "codebooks": std * jax.random.normal(k1, (cfg.n_digits, cfg.base, ds)),  # C_1..C_k
         "W": std * jax.random.normal(k2, (H, ds, ds)),  # seed projection per head, no bias
         "ln_scale": jnp.ones((H, ds)),
         "ln_bias": jnp.zeros((H, ds)),
         # spline coefficients S = 1 + delta: stored as delta so "no weight decay" keeps S free
         "delta": cfg.spline_init_std * jax.random.normal(k3, (H, ds, G, R)),
-        "Wout": std / math.sqrt(H) * jax.random.normal(k4, (H, R, D)),  # modes -> d_model
+        "Wout": out_std * jax.random.normal(k4, (H, R, D)),  # modes -> d_model
     }
 
 
@@ -216,17 +235,20 @@ def spline_basis(u, n_knots):
     return b / b.sum(-1, keepdims=True)
 
 
-def separable_product(phi, log_max=80.0):
+FACTOR_FLOOR = 1e-30  # |phi| below this counts as this: a zero factor gives a product ~0, finite gradient
+
+
+def separable_product(phi):
     """prod over the first axis of phi (d, ...) -> (...), as sign * exp(sum log|phi|).
 
     A plain product of 128 factors under- or overflows float32 on its way; the sum of logs does not.
-    The sign is the parity of the negative factors. |phi| is floored at 1e-30 (so a zero factor gives
-    a product of ~0 with a finite gradient) and the log-sum capped at 80 (exp(80) ~ 5e34 < float32 max).
+    The sign is the parity of the negative factors. Like the reference codes, the log-sum is not
+    capped: a product beyond float32's range becomes inf, and the trainer stops on a non-finite loss.
     """
     negatives = jnp.sum(phi < 0, axis=0)  # integer: no gradient flows through the sign
     sign = 1.0 - 2.0 * (negatives % 2)
-    log_abs = jnp.sum(jnp.log(jnp.maximum(jnp.abs(phi), 1e-30)), axis=0)
-    return sign * jnp.exp(jnp.minimum(log_abs, log_max))
+    log_abs = jnp.sum(jnp.log(jnp.maximum(jnp.abs(phi), FACTOR_FLOOR)), axis=0)
+    return sign * jnp.exp(log_abs)
 
 
 def generator_head(head, z, cfg):
@@ -237,20 +259,20 @@ def generator_head(head, z, cfg):
     float32 (no TF32 on GPUs): 128 factors would multiply its rounding errors."""
     f32 = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
     h = layer_norm(f32(z, head["W"]), head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
-    u = jax.nn.sigmoid(h / 2).T  # (d_seed, U) in (0, 1)
+    u = jax.nn.sigmoid(h / cfg.gen_sigmoid_scale).T  # (d_seed, U) in (0, 1)
     basis = spline_basis(u, cfg.gen_knots)  # (d_seed, U, G)
     phi = f32(basis, 1.0 + head["delta"])  # (d_seed, U, R): phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]
     modes = separable_product(phi)  # (U, R)
     return f32(modes, head["Wout"])  # (U, D)
 
 
-def generate(gen, ids, cfg):
+def generate_embeddings(gen, ids, cfg):
     """The generator: token ids (U,) -> embeddings (U, d_model), in float32 whatever cfg.dtype."""
-    digits = decompose(ids, cfg.base, cfg.k)  # (U, k)
-    z = gen["codebooks"][jnp.arange(cfg.k), digits].sum(-2)  # (U, d_seed) = C1[i1] + C2[i2] + C3[i3]
+    digits = decompose(ids, cfg.base, cfg.n_digits)  # (U, n_digits)
+    z = gen["codebooks"][jnp.arange(cfg.n_digits), digits].sum(-2)  # (U, d_seed) = C1[i1] + C2[i2] + ...
     heads = {name: gen[name] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
-    # Heads run one after another (lax.scan) and are recomputed in the backward pass (checkpoint),
-    # so only one head's (d_seed, U, rank) intermediates are alive at a time.
+    # speed: heads run one after another (lax.scan) and are recomputed in the backward pass
+    # (checkpoint), so only one head's (d_seed, U, rank) intermediates are alive at a time.
     head_fn = jax.checkpoint(functools.partial(generator_head, cfg=cfg))
 
     def add_head(e, head):
@@ -260,12 +282,16 @@ def generate(gen, ids, cfg):
     return e  # (U, D)
 
 
+# The parameters that make the input embeddings: the generator, or the table it replaces.
+EMBEDDING_PARAMS = {"leviathan": "generator", "dense": "embed"}
+
+
 def embed(params, ids, cfg):
     """Input embeddings of token ids (...) -> (..., d_model): generated (Leviathan) or looked up (dense)."""
     if cfg.model == "dense":
         return params["embed"][ids]
     flat = jnp.asarray(ids).reshape(-1)
-    return generate(params["generator"], flat, cfg).reshape(*jnp.shape(ids), cfg.d_model)
+    return generate_embeddings(params["generator"], flat, cfg).reshape(*jnp.shape(ids), cfg.d_model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,19 +330,15 @@ def init_params(key, cfg):
     return params
 
 
-def count_params(tree):
-    """Number of scalars in a pytree of arrays or of jax.ShapeDtypeStruct (from jax.eval_shape)."""
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
-
-
 def param_shapes(cfg):
-    """The parameter pytree's shapes, allocating nothing."""
+    """The parameter pytree's shapes (jax.ShapeDtypeStruct), allocating nothing."""
     return jax.eval_shape(functools.partial(init_params, cfg=cfg), jax.random.key(0))
 
 
-def param_counts(cfg):
-    """Total parameter count of a Config (head, norms and generator included)."""
-    return count_params(param_shapes(cfg))
+def count_params(tree):
+    """Number of scalars in a pytree of arrays or shapes: count_params(param_shapes(cfg)) is a
+    model's size (head, norms and generator included); count_params(params["generator"]) a part's."""
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
 def rms_norm(x, weight, eps):
@@ -370,8 +392,9 @@ def block(x, layer, cos, sin, cfg):
 
 
 def transformer(params, x, cfg):
-    """Input embeddings (B, T, D) -> logits (B, T, V) in cfg.dtype. Layers run under lax.scan, so
-    compile time does not grow with depth (the 52-layer preset compiles as fast as the 6-layer)."""
+    """Input embeddings (B, T, D) -> logits (B, T, V) in cfg.dtype. speed: layers run under
+    lax.scan, so compile time does not grow with depth, and each block is recomputed in the backward
+    pass (cfg.remat) instead of storing its activations."""
     cos, sin = rope_tables(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
     layer_fn = functools.partial(block, cos=cos, sin=sin, cfg=cfg)
     if cfg.remat:
@@ -383,46 +406,13 @@ def transformer(params, x, cfg):
 
 
 def forward(params, tokens, cfg):
-    """Logits (B, T, V) for tokens (B, T). The generator runs once per distinct token id."""
-    ids, inverse = jnp.unique(tokens, return_inverse=True, size=min(tokens.size, cfg.vocab_size),
-                              fill_value=0)  # (U,), (B*T,) -- static size, so it works under jit
-    x = embed(params, ids, cfg)[inverse.reshape(tokens.shape)]  # (B, T, D)
-    return transformer(params, x, cfg)
+    """Logits (B, T, V) for tokens (B, T): the plain reference path, every position embedded."""
+    return transformer(params, embed(params, tokens, cfg), cfg)
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Loss
-#
-# A training batch carries its distinct input ids, computed on the host by the loader:
-#   ids      (U,)    sorted distinct ids, padded to a size bucket so shapes stay static
-#   inverse  (B, T)  position -> index into ids, so the embeddings are table[inverse]
-#   targets  (B, T)  next token at each position
+# 5. Loss: next-token cross-entropy over the whole padded vocabulary
 # ------------------------------------------------------------------------------------------------
-
-
-def bucket_size(n, n_devices=1, smallest=64):
-    """Static size for n distinct ids: the next of 64, 80, 96, 112, 128, 160, ... (powers of two and
-    the quarter steps between them, so at most 25% padding and only a few compiled shapes), rounded
-    up to a multiple of n_devices."""
-    n = max(n, smallest)
-    quarter = (1 << (n - 1).bit_length()) // 8  # a quarter of the power of two below n
-    size = -(-n // quarter) * quarter
-    return -(-size // n_devices) * n_devices
-
-
-def prepare_batch(tokens, n_devices=1, size=None):
-    """Packed sequences (B, T+1) -> the batch dict above (numpy, on the host). `size` fixes the
-    padded length of ids (e.g. one size for all validation batches); default: bucket_size."""
-    tokens = np.asarray(tokens)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    ids, inverse = np.unique(inputs, return_inverse=True)
-    size = size or bucket_size(len(ids), n_devices)
-    if size < len(ids) or size % n_devices:
-        raise ValueError(f"{len(ids)} distinct ids do not fit a size of {size} on {n_devices} devices")
-    # Padding repeats the last id: those rows are computed but never looked up, so get no gradient.
-    ids = np.pad(ids, (0, size - len(ids)), mode="edge")
-    return {"ids": ids.astype(np.int32), "inverse": inverse.reshape(inputs.shape).astype(np.int32),
-            "targets": targets.astype(np.int32)}
 
 
 def cross_entropy(logits, targets):
@@ -432,14 +422,20 @@ def cross_entropy(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - target_logits
 
 
+def table_losses(params, table, inverse, targets, cfg):
+    """The one loss body: per-token losses (B, T) of positions whose embeddings are table[inverse].
+    With table = embed(all ids) and inverse = the tokens, this is the plain path."""
+    return cross_entropy(transformer(params, table[inverse], cfg), targets)  # (B, T)
+
+
 def token_losses(params, batch, cfg):
-    """Per-token losses (B, T) of a batch dict: embeddings computed once per distinct id."""
+    """Per-token losses (B, T) of a batch dict (section 7): embeddings once per distinct id."""
     table = embed(params, batch["ids"], cfg)  # (U, D)
-    return cross_entropy(transformer(params, table[batch["inverse"]], cfg), batch["targets"])
+    return table_losses(params, table, batch["inverse"], batch["targets"], cfg)
 
 
 def loss_fn(params, batch, cfg):
-    """Mean next-token cross-entropy (nats) over the batch, over the whole padded vocabulary."""
+    """Mean next-token cross-entropy (nats) over the batch."""
     return token_losses(params, batch, cfg).mean()
 
 
@@ -482,15 +478,48 @@ def init_state(key, cfg, mesh=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. The train step: one jax.jit
+# 7. Distinct-id batches
+#
+# speed: the generator depends on the token id alone, so a step needs it once per distinct id. The
+# loader (on the host, in a background thread) turns packed sequences into a batch dict:
+#   ids      (U,)    sorted distinct input ids, padded to a size bucket so shapes stay static
+#   inverse  (B, T)  position -> index into ids, so the embeddings are table[inverse]
+#   targets  (B, T)  next token at each position
 # ------------------------------------------------------------------------------------------------
 
-EMBEDDING_PARAMS = {"leviathan": "generator", "dense": "embed"}
 
+def bucket_size(n, n_devices=1, smallest=64):
+    """Static size for n distinct ids: the next of 64, 80, 96, 112, 128, 160, ... (powers of two and
+    the quarter steps between them, so at most 25% padding and only a few compiled shapes), rounded
+    up to a multiple of n_devices."""
+    n = max(n, smallest)
+    quarter = (1 << (n - 1).bit_length()) // 8  # a quarter of the power of two below n
+    size = -(-n // quarter) * quarter
+    return -(-size // n_devices) * n_devices
+
+
+def prepare_batch(tokens, n_devices=1, size=None):
+    """Packed sequences (B, T+1) -> the batch dict above (numpy, on the host). `size` fixes the
+    padded length of ids (e.g. one size for all validation batches); default: bucket_size."""
+    tokens = np.asarray(tokens)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    ids, inverse = np.unique(inputs, return_inverse=True)
+    size = size or bucket_size(len(ids), n_devices)
+    if size < len(ids) or size % n_devices:
+        raise ValueError(f"{len(ids)} distinct ids do not fit a size of {size} on {n_devices} devices")
+    # Padding repeats the last id: those rows are computed but never looked up, so get no gradient.
+    ids = np.pad(ids, (0, size - len(ids)), mode="edge")
+    return {"ids": ids.astype(np.int32), "inverse": inverse.reshape(inputs.shape).astype(np.int32),
+            "targets": targets.astype(np.int32)}
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. The train step: one jax.jit
+# ------------------------------------------------------------------------------------------------
 
 def split_micro_batches(x, micro_batch, mesh=None):
-    """(B, ...) -> (B // micro_batch, micro_batch, ...). Row b goes to micro-batch b % n, so each
-    device's slice of the batch splits locally (no data moves between devices)."""
+    """(B, ...) -> (B // micro_batch, micro_batch, ...). speed: row b goes to micro-batch b % n, so
+    each device's slice of the batch splits locally (no data moves between devices)."""
     n = x.shape[0] // micro_batch
     x = x.reshape(micro_batch, n, *x.shape[1:]).swapaxes(0, 1)
     if mesh is not None:
@@ -501,6 +530,7 @@ def split_micro_batches(x, micro_batch, mesh=None):
 def compute_grads(params, batch, cfg, mesh=None):
     """Mean loss and its gradient over the whole batch.
 
+    speed:
     1. The embedding table of the step's distinct ids is built once (generator or lookup), and
        jax.vjp keeps what is needed to send its gradient back into the generator later.
     2. The body runs over micro-batches under lax.scan, accumulating gradients for the body
@@ -520,7 +550,7 @@ def compute_grads(params, batch, cfg, mesh=None):
     targets = split_micro_batches(batch["targets"], micro, mesh)
 
     def micro_loss(body, table, inverse, targets):
-        return cross_entropy(transformer(body, table[inverse], cfg), targets).mean()
+        return table_losses(body, table, inverse, targets, cfg).mean()
 
     grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1))
 
@@ -572,6 +602,86 @@ def make_eval_step(cfg, mesh=None):
     return jax.jit(fn, in_shardings=(replicated, split), out_shardings=split)
 
 
+# ------------------------------------------------------------------------------------------------
+# 9. The training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def prefetch_to_device(batches, mesh=None, size=2):
+    """Yield (batch on the device, info), `size` steps ahead (device_put is asynchronous). Items of
+    `batches` are batch dicts or (batch, info) pairs. If `batches` raises, the batches it already
+    gave are yielded first, then the error."""
+    queue, error = collections.deque(), None
+    try:
+        for item in batches:
+            batch, info = item if isinstance(item, tuple) else (item, None)
+            queue.append((shard_batch(batch, mesh), info))
+            if len(queue) > size:
+                yield queue.popleft()
+    except Exception as e:  # noqa: BLE001 -- re-raised below, after the loaded batches
+        error = e
+    while queue:
+        yield queue.popleft()
+    if error is not None:
+        raise error
+
+
+def print_every(n):
+    """An on_step for train_loop that prints the loss at the first step and every n steps."""
+    start = time.perf_counter()
+
+    def on_step(step, metrics, state, info):
+        if step == 1 or step % n == 0:
+            print(f"step {step:5d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                  f"grad norm {metrics['grad_norm']:.3f} | {time.perf_counter() - start:.1f}s", flush=True)
+    return on_step
+
+
+def train_loop(state, batches, step_fn, steps, on_step, wants_state=lambda step: False, mesh=None):
+    """Run up to `steps` optimizer steps on an iterator of host batches; returns the final state.
+
+    batches: batch dicts (section 7), or (batch, info) pairs whose info is handed to on_step.
+    on_step(step, metrics, state, info) runs after every step, with metrics as Python floats (loss,
+    lr, grad_norm). The device never waits for the host: a step's metrics are read only after the
+    next step is dispatched, and state is then None (it has been handed on). Where wants_state(step)
+    is true (to evaluate, checkpoint or stop), at the last step, and before an error from `batches`
+    propagates, the loop waits for that step and passes its state.
+    """
+    start = step = int(state["step"])
+    unreported = None  # (step, metrics, info) of a step dispatched but not yet handed to on_step
+
+    def report(record, state):
+        step, metrics, info = record
+        on_step(step, {k: float(v) for k, v in jax.device_get(metrics).items()}, state, info)
+
+    batches = prefetch_to_device(batches, mesh)
+    while step < start + steps:
+        try:
+            batch, info = next(batches)
+        except StopIteration:
+            break
+        except Exception:  # e.g. a shard that cannot be read: on_step may checkpoint first
+            if unreported:
+                report(unreported, state)
+            raise
+        state, metrics = step_fn(state, batch)  # dispatched: the device runs while the host goes on
+        step += 1
+        if unreported:
+            report(unreported, None)  # the previous step, finished by now: no stall
+        unreported = (step, metrics, info)
+        if step == start + steps or wants_state(step):
+            report(unreported, state)  # waits for this step
+            unreported = None
+    if unreported:  # the batches ran out before `steps`
+        report(unreported, state)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Devices and speed accounting: the data-parallel mesh, model FLOPs, MFU
+# ------------------------------------------------------------------------------------------------
+
+
 def make_mesh(devices=None):
     """A 1-D mesh over all devices (of all hosts) with the axis "data" for data parallelism."""
     return Mesh(np.array(devices or jax.devices()), ("data",))
@@ -613,89 +723,7 @@ def peak_flops(device=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. The training loop
-# ------------------------------------------------------------------------------------------------
-
-
-def prefetch_to_device(batches, mesh=None, size=2):
-    """Yield (batch on the device, info), `size` steps ahead (device_put is asynchronous). Items of
-    `batches` are batch dicts or (batch, info) pairs. If `batches` raises, the batches it already
-    gave are yielded first, then the error."""
-    queue, error = collections.deque(), None
-    try:
-        for item in batches:
-            batch, info = item if isinstance(item, tuple) else (item, None)
-            queue.append((shard_batch(batch, mesh), info))
-            if len(queue) > size:
-                yield queue.popleft()
-    except Exception as e:  # noqa: BLE001 -- re-raised below, after the loaded batches
-        error = e
-    while queue:
-        yield queue.popleft()
-    if error is not None:
-        raise error
-
-
-def print_metrics(step, state, metrics, info=None):
-    extra = f" | compile {metrics['compile_s']:.1f}s" if "compile_s" in metrics else ""
-    print(f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-          f"grad norm {metrics['grad_norm']:.3f} | {metrics['tok_per_s']:,.0f} tok/s{extra}")
-
-
-def train_loop(state, batches, step_fn, steps, log_every=10, callback=print_metrics, mesh=None,
-               hold=lambda step: False):
-    """Run up to `steps` optimizer steps on an iterator of host batches; returns the final state.
-
-    batches: prepare_batch dicts, or (batch, info) pairs whose info is handed to the callback.
-    callback(step, state, metrics, info) gets python floats loss, lr, grad_norm, tok_per_s (and
-    compile_s at the first step) every `log_every` steps. The host never waits for the device just
-    to log: a log step's metrics are read after the next step is dispatched, so by then that state
-    has been handed on and the callback gets state=None. At the first and last step, where
-    hold(step) is true (evaluation, checkpoint), and before an error from `batches` propagates, the
-    loop waits for the step and passes its state. If the callback returns True, the loop stops.
-    """
-    start = step = int(state["step"])
-    tokens, since = 0, [time.perf_counter(), 0]  # wall clock and token count at the last report
-
-    def report(record, state):
-        step, metrics, info, tokens_at = record
-        metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}  # waits
-        now = time.perf_counter()
-        if step == start + 1:
-            metrics["compile_s"] = now - since[0]  # the first step includes compilation
-        metrics["tok_per_s"] = (tokens_at - since[1]) / (now - since[0])
-        since[:] = now, tokens_at
-        return callback is not None and callback(step, state, metrics, info)
-
-    batches = prefetch_to_device(batches, mesh)
-    newest, lagged = None, False  # newest step not reported yet; report it after the next dispatch?
-    while step < start + steps:
-        try:
-            batch, info = next(batches)
-        except StopIteration:
-            break
-        except Exception:  # e.g. a shard that cannot be read: the callback may checkpoint first
-            if newest is not None:
-                report(newest, state)
-            raise
-        state, metrics = step_fn(state, batch)  # dispatched: the device runs while the host goes on
-        step, tokens = step + 1, tokens + batch["targets"].size
-        if lagged and report(newest, None):  # the previous step: finished, so no stall
-            return state
-        newest, lagged = (step, metrics, info, tokens), False
-        if step in (start + 1, start + steps) or hold(step):
-            if report(newest, state):
-                return state
-            newest = None
-        elif step % log_every == 0:
-            lagged = True
-    if newest is not None:  # the batches ran out before `steps`
-        report(newest, state)
-    return state
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. `python leviathan.py`: the size table, then a tiny Leviathan learning its own source code
+# 11. `python leviathan.py`: the size table, then a tiny Leviathan learning its own source code
 # ------------------------------------------------------------------------------------------------
 
 
@@ -705,7 +733,7 @@ def size_table():
             "Leviathan params | generator params | generator share |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in SIZES.items():
-        dense, lev = param_counts(config(name, "dense")), param_shapes(config(name))
+        dense, lev = count_params(param_shapes(config(name, "dense"))), param_shapes(config(name))
         gen = count_params(lev["generator"])
         rows.append(f"| {name} | {s['d_model']} | {s['n_heads']} | {s['dense_layers']} | "
                     f"{s['leviathan_layers']} | {dense:,} | {count_params(lev):,} | {gen:,} | "
@@ -721,8 +749,8 @@ def demo(steps=150, batch_size=16, seq_len=64, seed=0):
     cfg = config("tiny", vocab_size=padded_vocab(enc), seq_len=seq_len, batch_size=batch_size,
                  lr=3e-3, warmup_steps=10, steps=steps)
     print(f"\ndemo: tiny Leviathan, byte vocabulary {cfg.vocab_size} -> base {cfg.base}, "
-          f"{cfg.k} x {cfg.base} = {cfg.k * cfg.base} codebook rows, "
-          f"{param_counts(cfg):,} parameters, {len(data):,} tokens of leviathan.py")
+          f"{cfg.n_digits} x {cfg.base} = {cfg.n_digits * cfg.base} codebook rows, "
+          f"{count_params(param_shapes(cfg)):,} parameters, {len(data):,} tokens of leviathan.py")
     rng = np.random.default_rng(seed)
 
     def batches():
@@ -731,7 +759,7 @@ def demo(steps=150, batch_size=16, seq_len=64, seed=0):
             yield prepare_batch(np.stack([data[s:s + seq_len + 1] for s in starts]))
 
     state = init_state(jax.random.key(seed), cfg)
-    train_loop(state, batches(), make_train_step(cfg), steps, log_every=25)
+    train_loop(state, batches(), make_train_step(cfg), steps, on_step=print_every(25))
     print(f"(a uniform guess over {cfg.vocab_size} tokens is ln V = {math.log(cfg.vocab_size):.2f} nats)")
 
 
