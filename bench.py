@@ -2,17 +2,25 @@
 
     python bench.py --size 60M --batch-size 8 --micro-batch 8       # model step time, both models
     python bench.py --size 421M --batch-size 64 --micro-batch 16    # on a GPU (bfloat16 by default)
+    python bench.py --report                                         # the whole accelerator check
     python bench.py --loader                                         # data loader tokens/s
     python bench.py --loader --data ../shared/minipile/00.jsonl.zst ../shared/minipile/01.jsonl.zst
 
 Model mode runs warm-up then timed optimizer steps on synthetic batches whose ids follow a Zipf law
 (about as many distinct ids per batch as real text; or real tokens with --data) and prints, per
 model: compile time, ms/step, tokens/s, MFU (where the device's peak is known), the generator's
-share of the step, peak device memory (where the backend reports it) and XLA's compiled memory
-for the step; then the Leviathan/dense step-time ratio.
+share of the step, peak device memory (where the backend reports it: the process's peak so far, so
+a later model's figure can include an earlier one's) and XLA's compiled memory for the step (the
+per-model figure); then the Leviathan/dense step-time ratio.
+
+--report runs the whole check in one command (at most ~8 minutes on one H200): 60M and 421M, both
+models, the paper's 512 x 512-token batch with a micro-batch that fits, Zipf ids, bfloat16; it prints
+a markdown report (device, JAX version, every figure above, the ratios) and writes it to
+--report-file. On a CPU it runs a reduced version (smaller batches) in a few minutes.
 """
 
 import argparse
+import datetime
 import time
 
 import jax
@@ -92,6 +100,16 @@ def show(value, fmt):
     return "n/a" if value is None else format(value, fmt)
 
 
+def result_row(r):
+    return (f"| {r['model']} | {r['params']:,} | {r['compile_s']:.1f} | {r['ms_per_step']:.1f} | "
+            f"{r['tok_per_s']:,.0f} | {show(r['mfu'], '.1%')} | {r['generator_share']:.1%} | "
+            f"{show(r['peak_mem_gb'], '.2f')} | {show(r['compiled_mem_gb'], '.2f')} |")
+
+
+TABLE_HEADER = ("| model | params | compile s | ms/step | tokens/s | MFU | generator share | "
+                "peak memory GB | compiled memory GB |\n|---|---|---|---|---|---|---|---|---|")
+
+
 def run_models(args):
     overrides = dict(seq_len=args.seq_len, batch_size=args.batch_size,
                      micro_batch=args.micro_batch, attention=args.attention)
@@ -107,18 +125,59 @@ def run_models(args):
     print(f"{args.size}: batch {args.batch_size} x {args.seq_len} tokens (micro-batch "
           f"{args.micro_batch or args.batch_size}), {n_distinct:,} distinct ids -> bucket "
           f"{len(host_batch['ids']):,}, dtype {cfgs[0].dtype}, {jax.devices()[0].device_kind}")
-    print("| model | params | compile s | ms/step | tokens/s | MFU | generator share | "
-          "peak memory GB | compiled memory GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEADER)
     results = {}
     for cfg in cfgs:
         r = results[cfg.model] = bench_model(cfg, host_batch, n_distinct, args.steps)
-        print(f"| {r['model']} | {r['params']:,} | {r['compile_s']:.1f} | {r['ms_per_step']:.1f} | "
-              f"{r['tok_per_s']:,.0f} | {show(r['mfu'], '.1%')} | {r['generator_share']:.1%} | "
-              f"{show(r['peak_mem_gb'], '.2f')} | {show(r['compiled_mem_gb'], '.2f')} |", flush=True)
+        print(result_row(r), flush=True)
     if len(results) == 2:
         ratio = results["leviathan"]["ms_per_step"] / results["dense"]["ms_per_step"]
         print(f"Leviathan / dense step time: {ratio:.3f}x")
+    return results
+
+
+# --report: (size, batch, seq_len, micro-batch, timed steps) per backend. The accelerator rows are the
+# paper's 512 x 512-token step; the CPU rows are the same sizes, reduced to run in a few minutes.
+REPORT = {
+    "gpu": [("60M", 512, 512, 32, 5), ("421M", 512, 512, 16, 3)],
+    "cpu": [("tiny", 16, 128, 16, 2), ("60M", 4, 512, 4, 1)],
+}
+
+
+def report_rows(backend, sizes=None):
+    rows = REPORT["cpu" if backend == "cpu" else "gpu"]
+    return [row for row in rows if sizes is None or row[0] in sizes]
+
+
+def run_report(args):
+    """Every REPORT row, both models: one markdown report, printed and written to args.report_file."""
+    device = jax.devices()[0]
+    lines = [f"# bench.py --report, {datetime.date.today()}", "",
+             f"Device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
+             f"JAX {jax.__version__}; dtype {lv.default_dtype()}; Zipf ids (about as many distinct ids as "
+             "real text); one optimizer step of the batch shown, with AdamW.", ""]
+    ratios, results = [], {}
+    for size, batch, seq_len, micro, steps in report_rows(jax.default_backend(), args.sizes):
+        print(f"\n{size}: {batch} x {seq_len}, micro-batch {micro}", flush=True)
+        one = argparse.Namespace(**{**vars(args), "size": size, "batch_size": batch, "seq_len": seq_len,
+                                    "micro_batch": micro, "steps": steps, "data": None})
+        try:
+            r = results[size] = run_models(one)
+        except Exception as e:  # noqa: BLE001 -- an OOM is a finding: say so and go on to the next size
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            lines += [f"## {size}: out of device memory at micro-batch {micro}; rerun this size with "
+                      f"--sizes {size} after lowering its micro-batch in bench.REPORT", ""]
+            continue
+        ratio = r["leviathan"]["ms_per_step"] / r["dense"]["ms_per_step"]
+        lines += [f"## {size}: {batch} x {seq_len} tokens per step, micro-batch {micro}", "", TABLE_HEADER,
+                  *(result_row(x) for x in r.values()), "", f"Leviathan / dense step time: **{ratio:.3f}x**", ""]
+        ratios.append(f"{size} {ratio:.3f}x")
+    lines.append(f"Ratios: {', '.join(ratios)}.")
+    text = "\n".join(lines) + "\n"
+    with open(args.report_file, "w") as f:
+        f.write(text)
+    print(f"\n{text}\nreport written to {args.report_file}")
     return results
 
 
@@ -147,9 +206,14 @@ def main(argv=None):
     parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
     parser.add_argument("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     parser.add_argument("--loader", action="store_true", help="measure the data loader alone")
+    parser.add_argument("--report", action="store_true", help="the whole accelerator check (see above)")
+    parser.add_argument("--sizes", nargs="+", help="--report: only these of its sizes")
+    parser.add_argument("--report-file", default="bench_report.md", help="--report: markdown written here")
     parser.add_argument("--seconds", type=float, default=20.0, help="loader mode: how long")
     parser.add_argument("--threads", type=int, default=1, help="loader mode: tokenizer threads")
     args = parser.parse_args(argv)
+    if args.report:
+        return run_report(args)
     return run_loader(args) if args.loader else run_models(args)
 
 

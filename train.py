@@ -117,6 +117,8 @@ def build_config(args, enc, n_devices):
     """(model Config of a command line, dense twin's parameter count). Steps default to
     TOKENS_PER_PARAM tokens per parameter of the dense twin."""
     B, T, vocab = args.batch_size, args.seq_len, lv.padded_vocab(enc)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after {args.stop_after} is not a step; give a step of 1 or more")
     micro = args.micro_batch or default_micro_batch(B, T, n_devices)
     if B % micro or micro % n_devices:
         raise UserError(f"--batch-size {B} does not split into micro-batches of {micro}, a multiple of the "
