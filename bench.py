@@ -140,7 +140,7 @@ def run_models(args):
 # paper's 512 x 512-token step; the CPU rows are the same sizes, reduced to run in a few minutes.
 REPORT = {
     "gpu": [("60M", 512, 512, 32, 5), ("421M", 512, 512, 16, 3)],
-    "cpu": [("tiny", 16, 128, 16, 2), ("60M", 4, 512, 4, 1)],
+    "cpu": [("tiny", 8, 128, 8, 1), ("60M", 2, 256, 2, 1)],
 }
 
 

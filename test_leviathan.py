@@ -1378,7 +1378,7 @@ def test_bench_report_writes_a_markdown_report(tmp_path, capsys):
     results = bench.main(["--report", "--sizes", "tiny", "--report-file", str(path)])
     text = path.read_text()
     assert set(results) == {"tiny"} and set(results["tiny"]) == {"leviathan", "dense"}
-    assert f"JAX {jax.__version__}" in text and "Device: cpu" in text and "## tiny: 16 x 128" in text
+    assert f"JAX {jax.__version__}" in text and "Device: cpu" in text and "## tiny: 8 x 128" in text
     ratio = results["tiny"]["leviathan"]["ms_per_step"] / results["tiny"]["dense"]["ms_per_step"]
     assert f"Leviathan / dense step time: **{ratio:.3f}x**" in text
     assert text in capsys.readouterr().out
