@@ -290,25 +290,36 @@ def _separable_product_bwd(residuals, g):
 separable_product.defvjp(_separable_product_fwd, _separable_product_bwd)
 
 
-def generator_head(head, z, cfg):
-    """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model).
+# Full float32 matmuls in the generator (no TF32 on GPUs): 128 factors would multiply their rounding errors.
+f32_matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
-    The seed coordinate d leads the big intermediates, so the spline mixing is one batched matmul
-    per coordinate, (U, G) @ (G, R), and the product runs over the leading axis. Matmuls are full
-    float32 (no TF32 on GPUs): 128 factors would multiply its rounding errors."""
-    f32 = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-    h = layer_norm(f32(z, head["W"]), head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
+
+def seeds(gen, ids, cfg):
+    """Token ids (U,) -> seeds z = C1[i1] + C2[i2] + C3[i3]: (U, d_seed)."""
+    digits = decompose(ids, cfg.base, cfg.n_digits)  # (U, n_digits)
+    return gen["codebooks"][jnp.arange(cfg.n_digits), digits].sum(-2)
+
+
+def head_factors(head, z, cfg):
+    """One head's factors: seeds (U, d_seed) -> phi (d_seed, U, rank), the modes' 128 factors.
+
+    The seed coordinate d leads, so the spline mixing is one batched matmul per coordinate,
+    (U, G) @ (G, R), and the product over d runs over the leading axis."""
+    h = layer_norm(f32_matmul(z, head["W"]), head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
     u = jax.nn.sigmoid(h / cfg.gen_sigmoid_scale).T  # (d_seed, U) in (0, 1)
     basis = spline_basis(u, cfg.gen_knots)  # (d_seed, U, G)
-    phi = f32(basis, 1.0 + head["delta"])  # (d_seed, U, R): phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]
-    modes = separable_product(phi)  # (U, R)
-    return f32(modes, head["Wout"])  # (U, D)
+    return f32_matmul(basis, 1.0 + head["delta"])  # phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]
+
+
+def generator_head(head, z, cfg):
+    """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model)."""
+    modes = separable_product(head_factors(head, z, cfg))  # (U, R)
+    return f32_matmul(modes, head["Wout"])  # (U, D)
 
 
 def generate_embeddings(gen, ids, cfg):
     """The generator: token ids (U,) -> embeddings (U, d_model), in float32 whatever cfg.dtype."""
-    digits = decompose(ids, cfg.base, cfg.n_digits)  # (U, n_digits)
-    z = gen["codebooks"][jnp.arange(cfg.n_digits), digits].sum(-2)  # (U, d_seed) = C1[i1] + C2[i2] + ...
+    z = seeds(gen, ids, cfg)  # (U, d_seed)
     heads = {name: gen[name] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
     # speed: heads run one after another (lax.scan) and are recomputed in the backward pass
     # (checkpoint), so only one head's (d_seed, U, rank) intermediates are alive at a time.

@@ -136,7 +136,6 @@ def test_separable_product_is_stable_for_128_factors():
 
 
 F32_MAX, F32_TINY = 3.4e38, 1.2e-38
-f32 = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
 
 def basis_with_row_sum(u, n_knots):
@@ -186,13 +185,9 @@ def generator(delta_std, size="60M"):
 @functools.partial(jax.jit, static_argnums=2)
 def all_phi(gen, ids, cfg):
     """The factors phi of every head, as in generator_head: (d_seed, U, gen_heads * rank)."""
-    z = gen["codebooks"][jnp.arange(cfg.n_digits), lv.decompose(ids, cfg.base, cfg.n_digits)].sum(-2)
-    out = []
-    for h in range(cfg.gen_heads):
-        x = lv.layer_norm(f32(z, gen["W"][h]), gen["ln_scale"][h], gen["ln_bias"][h], cfg.ln_eps)
-        u = jax.nn.sigmoid(x / cfg.gen_sigmoid_scale).T
-        out.append(f32(lv.spline_basis(u, cfg.gen_knots), 1.0 + gen["delta"][h]))
-    return jnp.concatenate(out, -1)
+    z = lv.seeds(gen, ids, cfg)
+    heads = [{name: gen[name][h] for name in ("W", "ln_scale", "ln_bias", "delta")} for h in range(cfg.gen_heads)]
+    return jnp.concatenate([lv.head_factors(head, z, cfg) for head in heads], -1)
 
 
 
@@ -321,7 +316,7 @@ def test_gradients_match_finite_differences_float64():
         cot = jnp.asarray(rng.normal(size=(len(ids), cfg.d_model)))
 
         def embed(p):  # lv.generate_embeddings without its float32 scan carry: heads summed in float64
-            z = p["codebooks"][jnp.arange(cfg.n_digits), lv.decompose(ids, cfg.base, cfg.n_digits)].sum(-2)
+            z = lv.seeds(p, ids, cfg)
             heads = [{k: p[k][h] for k in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
                      for h in range(cfg.gen_heads)]
             return sum(lv.generator_head(head, z, cfg) for head in heads)

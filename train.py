@@ -356,8 +356,8 @@ def actions(run, step):
     return todo
 
 
-def log_step(run, step, metrics, state, data_state, n_ids):
-    """Append the step's line to log.jsonl (with an evaluation where one is due) and print it."""
+def log_step(run, step, metrics, state, data_state, n_ids, with_eval):
+    """Append the step's line to log.jsonl (with an evaluation if with_eval) and print it."""
     now, (then, then_step) = time.perf_counter(), run.clock
     cfg, tokens_per_step = run.cfg, run.cfg.batch_size * run.cfg.seq_len
     record = {"step": step, "tokens": step * tokens_per_step, "epoch": data_state["epoch"],
@@ -368,7 +368,7 @@ def log_step(run, step, metrics, state, data_state, n_ids):
     if peak := lv.peak_flops():
         flops = lv.flops_per_step(cfg, tokens_per_step, n_ids)
         record["mfu"] = flops * record["tok_per_s"] / tokens_per_step / (peak * run.mesh.size)
-    if "eval" in actions(run, step):
+    if with_eval:
         eval_step = lv.make_eval_step(cfg, run.mesh)
         record.update(evaluate(eval_step, state["params"], run.val, data_state["counts"], run.mesh),
                       documents=data_state["documents"])
@@ -392,7 +392,7 @@ def on_step(run, step, metrics, state, info):
                         f"{metrics['grad_norm']}), so nothing more was saved; {kept(run)}")
     todo = actions(run, step)
     if "log" in todo:
-        log_step(run, step, metrics, state, data_state, n_ids)
+        log_step(run, step, metrics, state, data_state, n_ids, with_eval="eval" in todo)
     if state is None:
         return
     if "checkpoint" in todo or run.data_failed:
