@@ -194,24 +194,34 @@ def run_loader(args):
     return result
 
 
+def make_parser():
+    parser = data.OneLineParser(prog="bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add, whole = parser.add_argument, data.whole
+    add("--size", default="tiny", choices=list(lv.SIZES))
+    add("--models", nargs="+", default=["leviathan", "dense"], choices=lv.MODELS)
+    add("--batch-size", type=whole(1), default=8, help="sequences per optimizer step")
+    add("--micro-batch", type=whole(0), default=0, help="sequences per pass, dividing the batch (0: all)")
+    add("--seq-len", type=whole(1), default=512)
+    add("--steps", type=whole(1), default=5, help="timed steps per model")
+    add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
+    add("--attention", default="xla", choices=lv.ATTENTION)
+    add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
+    add("--loader", action="store_true", help="measure the data loader alone")
+    add("--report", action="store_true", help="the whole accelerator check (see above)")
+    add("--sizes", nargs="+", choices=list(lv.SIZES), help="--report: only these of its sizes")
+    add("--report-file", default="bench_report.md", help="--report: markdown written here")
+    add("--seconds", type=data.positive, default=20.0, help="loader mode: how long")
+    add("--threads", type=whole(1), default=1, help="loader mode: tokenizer threads")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny", choices=list(lv.SIZES))
-    parser.add_argument("--models", nargs="+", default=["leviathan", "dense"], choices=lv.MODELS)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
-    parser.add_argument("--micro-batch", type=int, default=0, help="sequences per pass (0: all)")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: by device)")
-    parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
-    parser.add_argument("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
-    parser.add_argument("--loader", action="store_true", help="measure the data loader alone")
-    parser.add_argument("--report", action="store_true", help="the whole accelerator check (see above)")
-    parser.add_argument("--sizes", nargs="+", help="--report: only these of its sizes")
-    parser.add_argument("--report-file", default="bench_report.md", help="--report: markdown written here")
-    parser.add_argument("--seconds", type=float, default=20.0, help="loader mode: how long")
-    parser.add_argument("--threads", type=int, default=1, help="loader mode: tokenizer threads")
+    parser = make_parser()
     args = parser.parse_args(argv)
+    if args.micro_batch and args.batch_size % args.micro_batch:
+        parser.error(f"--micro-batch {args.micro_batch} does not divide --batch-size {args.batch_size}; "
+                     "give a divisor of the batch, or 0 for the whole batch")
     if args.report:
         return run_report(args)
     return run_loader(args) if args.loader else run_models(args)

@@ -7,17 +7,18 @@
 
 The file reads top to bottom:
 
-  1. Sources and errors: files, globs, folders, URLs; tokenizers
-  2. Reading shards: local files or HTTP (reconnecting mid-shard), zstd frames, lines
+  1. Sources and errors: files, globs, folders, URLs; tokenizers; numbers on a command line
+  2. Reading shards: local files or HTTP (reconnecting mid-shard), zstd frames, lines, text files
   3. The batch stream: documents -> tokens -> packed sequences -> shuffle buffer -> batches.
      A state machine whose state goes into every checkpoint, so a resumed run sees the same batches.
   4. The background loader
-  5. Validation: tokens, token-frequency buckets, loss summary
+  5. Validation: tokens, token-frequency buckets (of targets and of inputs), loss summary
   6. Loader throughput (bench.py --loader prints it)
 
 Nothing here depends on the model, so a Leviathan run and its dense twin see identical batches.
 """
 
+import argparse
 import glob
 import hashlib
 import http.client
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import urllib.error
@@ -76,11 +78,59 @@ def tokenizer(name):
     except Exception as e:
         raise UserError(f"the tiktoken encoding {name} could not be loaded ({type(e).__name__}); offline, "
                         "set TIKTOKEN_CACHE_DIR to a folder with its cached file, such as "
-                        "../shared/tiktoken") from None
+                        "../shared/tiktoken, or use --tokenizer bytes") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one sentence (exit status 2), not a usage block."""
+
+    def error(self, message):
+        print(f"error: {message}; see python {self.prog} --help.", file=sys.stderr)
+        sys.exit(2)
+
+
+def whole(low):
+    """An argparse type: a whole number of at least `low`, else one sentence naming the range."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number of {low} or more, not {text!r}")
+        return value
+    return parse
+
+
+def positive(text):
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+    return value
 
 
 def is_url(source):
     return source.startswith(("http://", "https://"))
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")  # plain text; every other source is JSON lines like the Pile's
+SOURCE_SUFFIXES = (".jsonl", ".jsonl.zst", ".zst") + TEXT_SUFFIXES + tuple(s + ".zst" for s in TEXT_SUFFIXES)
+
+
+def is_text(source):
+    """True for a plain-text source (.txt, .md, .text, or those compressed with .zst)."""
+    return source.lower().removesuffix(".zst").endswith(TEXT_SUFFIXES)
+
+
+def files_under(folder):
+    """The shard and text files below a folder, subfolders included, in sorted order."""
+    found = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+             if name.lower().endswith(SOURCE_SUFFIXES) and not name.startswith(".")]
+    return sorted(found)
 
 
 def resolve_sources(specs, flag):
@@ -90,9 +140,9 @@ def resolve_sources(specs, flag):
         if is_url(spec) or os.path.isfile(spec):
             sources.append(spec)
         elif os.path.isdir(spec):
-            found = [f for f in sorted(glob.glob(os.path.join(spec, "*"))) if f.endswith((".zst", ".jsonl"))]
-            if not found:
-                raise DataError(f"{flag} folder {spec} holds no .jsonl.zst or .jsonl shard; check the path")
+            if not (found := files_under(spec)):
+                raise DataError(f"{flag} folder {spec} holds no .jsonl.zst, .jsonl, .txt or .md file; "
+                                "check the path")
             sources += found
         elif glob.has_magic(spec):
             if not (found := sorted(glob.glob(spec))):
@@ -224,6 +274,30 @@ def shard_lines(source, start=0):
         raw.close()
 
 
+TEXT_DOCUMENT = 1 << 20  # a text file is one document, cut at a blank line after every ~1 MB of it
+
+
+def text_documents(source, start=0):
+    """Yield (document, end) for a plain-text file: the whole file is one document, except that a
+    file over TEXT_DOCUMENT bytes is cut at the first blank line after each TEXT_DOCUMENT bytes, so a
+    big file streams. `end` is the byte offset after the document: a line boundary, to resume from."""
+    lines, size, end = [], 0, start
+    for line, end in shard_lines(source, start):
+        if size >= TEXT_DOCUMENT and not line.strip():
+            yield b"\n".join(lines), end
+            lines, size = [], 0
+        else:
+            lines.append(line)
+            size += len(line) + 1
+    if lines:
+        yield b"\n".join(lines), end
+
+
+def shard_records(source, start=0):
+    """(record, end) of a source: the lines of a JSON-lines shard, the documents of a text file."""
+    return text_documents(source, start) if is_text(source) else shard_lines(source, start)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. The batch stream
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +327,7 @@ def chain_hash(previous, tokens):
 class BatchStream:
     """Shards -> documents -> tokens -> sequences of seq_len+1 -> shuffle buffer -> batches (B, T+1).
 
+    A document is a JSON line's "text" (the Pile's format) or a plain-text file (`text_documents`).
     Each document's text is tokenized (encode_ordinary) and followed by one EOT token; the token
     stream is cut into consecutive sequences of seq_len+1 (inputs and next-token targets). A seeded
     buffer of `shuffle_buffer` sequences shuffles them: once full, each new sequence takes the place of
@@ -269,7 +344,7 @@ class BatchStream:
         self.sources, self.enc, self.seq_len, self.batch_size = list(sources), enc, seq_len, batch_size
         self.shuffle_size, self.loop, self.threads = shuffle_buffer, loop, threads
         self.rng = np.random.default_rng(seed)
-        self.epoch = self.shard = self.line = self.offset = 0  # where the next unread line is
+        self.epoch = self.shard = self.line = self.offset = 0  # where the next unread record is
         self.pending = np.zeros(0, np.int32)  # tokens read but not yet packed into a sequence
         self.buffer = []  # the shuffle buffer: (seq_len+1,) int32 arrays, never changed in place
         self.batches = 0  # batches emitted
@@ -288,21 +363,30 @@ class BatchStream:
                     break
                 wraps += 1
                 if wraps == 2:  # a whole pass over the shards found no document
-                    raise DataError(f"the training data ({self.sources[0]}, ...) holds no document")
+                    raise DataError(f"the training data ({self.sources[0]}, ...) holds no document: no line "
+                                    "is JSON with a \"text\" string; plain text must end in .txt or .md")
                 self.epoch, self.shard = self.epoch + 1, 0
+            source = self.sources[self.shard]
             if self._lines is None:
-                self._lines = shard_lines(self.sources[self.shard], self.offset)
+                self._lines = shard_records(source, self.offset)
             if (item := next(self._lines, None)) is None:  # end of this shard
                 self._lines, self.shard, self.line, self.offset = None, self.shard + 1, 0, 0
                 continue
-            line, self.offset = item
+            record, self.offset = item
             self.line += 1
-            if text := self._parse(line):
+            if text := (self._text(record) if is_text(source) else self._parse(record)):
                 texts.append(text)
                 chars += len(text)
         if texts:
             self.pending = np.concatenate([self.pending, self._tokenize(texts)])
         return bool(texts)
+
+    def _text(self, document):
+        """The text of a plain-text document; None when it is blank."""
+        if not document.strip():
+            return None
+        self.documents["text"] = self.documents.get("text", 0) + 1
+        return document.decode("utf-8", errors="replace")
 
     def _parse(self, line):
         """The text of one JSON line; None for a blank line or a bad one (which is counted)."""
@@ -450,11 +534,15 @@ class Loader:
 def load_validation(sources, enc, seq_len, n_tokens, rows, n_devices=1):
     """The first ~n_tokens tokens of the validation data, unshuffled, as fixed batches of `rows`
     sequences: the same tokens and shapes at every evaluation. -> {"batches", "tokens", "bytes"}."""
-    sequences = list(itertools.islice(token_sequences(sources, enc, seq_len), math.ceil(n_tokens / seq_len)))
+    stream = BatchStream(sources, enc, seq_len, batch_size=1, shuffle_buffer=0, loop=False)
+    wanted = math.ceil(n_tokens / seq_len)
+    sequences = list(itertools.takewhile(lambda s: s is not None,
+                                         (stream.next_sequence() for _ in range(wanted))))
     rows = min(rows, len(sequences) // n_devices * n_devices)
     if rows == 0:
-        raise DataError(f"the validation data ({sources[0]}, ...) holds fewer than {n_devices} sequence(s) "
-                        f"of {seq_len + 1} tokens; pass more --val-data")
+        held = sum(map(len, sequences)) + len(stream.pending)
+        raise DataError(f"the validation data ({sources[0]}, ...) holds {held} tokens, fewer than {n_devices} "
+                        f"sequence(s) of --seq-len + 1 = {seq_len + 1}; pass more --val-data or a lower --seq-len")
     tokens = np.stack(sequences[:len(sequences) // rows * rows])  # (N, T+1)
     ids, counts = np.unique(tokens[:, 1:], return_counts=True)
     # bits per byte count the UTF-8 bytes of the text; EOT, a separator, stands for none
@@ -483,17 +571,25 @@ def frequency_buckets(counts, n_buckets=N_BUCKETS):
     return buckets
 
 
-def loss_summary(losses, targets, buckets, n_bytes):
-    """Per-token losses and their targets -> val_loss (nats/token), val_bpb and the loss per bucket,
-    whose token-weighted mean is val_loss."""
-    losses, targets = np.asarray(losses, np.float64).ravel(), np.asarray(targets).ravel()
-    which = buckets[targets]
+def bucket_means(losses, which):
+    """Mean loss and token count per bucket, `which` giving each token's bucket: (lists of N_BUCKETS)."""
     tokens = np.bincount(which, minlength=N_BUCKETS)
     sums = np.bincount(which, weights=losses, minlength=N_BUCKETS)
-    return {"val_loss": float(losses.mean()),
-            "val_bpb": float(losses.sum() / n_bytes / math.log(2)) if n_bytes else None,
-            "val_bucket_loss": [float(s / n) if n else None for s, n in zip(sums, tokens)],
-            "val_bucket_tokens": [int(n) for n in tokens]}
+    return [float(s / n) if n else None for s, n in zip(sums, tokens)], [int(n) for n in tokens]
+
+
+def loss_summary(losses, targets, buckets, n_bytes, inputs=None):
+    """Per-token losses, their targets (and inputs) -> val_loss (nats/token), val_bpb and the loss per
+    frequency bucket of the target token (val_bucket_*: the output side) and of the input token
+    (val_input_bucket_*: the side the generator changes). Each view's token-weighted mean is val_loss."""
+    losses, targets = np.asarray(losses, np.float64).ravel(), np.asarray(targets).ravel()
+    summary = {"val_loss": float(losses.mean()),
+               "val_bpb": float(losses.sum() / n_bytes / math.log(2)) if n_bytes else None}
+    summary["val_bucket_loss"], summary["val_bucket_tokens"] = bucket_means(losses, buckets[targets])
+    if inputs is not None:
+        which = buckets[np.asarray(inputs).ravel()]
+        summary["val_input_bucket_loss"], summary["val_input_bucket_tokens"] = bucket_means(losses, which)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ The file reads in the order the idea is explained:
    8. Train step                                        one jax.jit
    9. Training loop
   10. Devices and speed accounting                      mesh, MFU
-  11. `python leviathan.py`: the size table and a small offline demo
+  11. A trained model                                   its parameter file, sampling
+  12. `python leviathan.py`: the size table and a small offline demo
 
 Parameters are a plain dict of arrays; the forward pass is a function of (params, tokens).
 
@@ -39,7 +40,9 @@ and each checked against the plain path by a test:
 import collections
 import dataclasses
 import functools
+import json
 import math
+import os
 import time
 
 import jax
@@ -55,6 +58,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MODELS = ("leviathan", "dense")
 DTYPES = ("float32", "bfloat16")  # matmul dtypes of the body (no float16: it would need loss scaling)
 ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
+EMBED_NORMS = ("none", "rms")
+GEN_COMBINES = ("product", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,11 @@ class Config:
     rope_theta: float = 10_000.0  # rotary position embedding base
     norm_eps: float = 1e-5  # RMSNorm epsilon (paper unknown: LLaMA's value)
     init_std: float = 0.02  # std of every weight matrix at init (paper: N(0, 0.02^2))
+    # the lab's ablations (train.py --set FIELD=VALUE); the defaults are the paper's model
+    embed_norm: str = "none"  # "rms": an RMSNorm with learned scale on the input embeddings (either model)
+    embed_init_std: float = 0.02  # std of the dense table at init (default: init_std's 0.02)
+    gen_combine: str = "product"  # "product" (paper): a mode is the product of its factors; "sum": their mean
+    id_permutation_seed: int = 0  # 0: decompose ids as they are; else a fixed random permutation first
     # embedding generator (paper's v1, reconstructed)
     n_digits: int = 3  # base-b digits per token id (paper: k = 3 coordinates)
     d_seed: int = 128  # seed dimension: z = C1[i1] + C2[i2] + C3[i3]
@@ -107,6 +117,18 @@ class Config:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTION)}")
+        if self.embed_norm not in EMBED_NORMS:
+            raise ValueError(f"unknown embed_norm {self.embed_norm!r}: use one of {', '.join(EMBED_NORMS)}")
+        if self.gen_combine not in GEN_COMBINES:
+            raise ValueError(f"unknown gen_combine {self.gen_combine!r}: use one of {', '.join(GEN_COMBINES)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "mlp_mult", "n_digits",
+                     "d_seed", "gen_heads", "gen_rank", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}; it must be 1 or more")
+        if self.gen_knots < 3:
+            raise ValueError(f"gen_knots is {self.gen_knots}; a quadratic B-spline needs 3 knots or more")
+        if self.id_permutation_seed < 0:
+            raise ValueError(f"id_permutation_seed is {self.id_permutation_seed}; it must be 0 (off) or more")
 
     @property
     def base(self):
@@ -294,8 +316,16 @@ separable_product.defvjp(_separable_product_fwd, _separable_product_bwd)
 f32_matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
 
+@functools.lru_cache(maxsize=4)
+def id_permutation(seed, vocab_size):
+    """A fixed random permutation of the ids (the lab's id_permutation_seed): (V,) int32."""
+    return jnp.asarray(np.random.default_rng(seed).permutation(vocab_size).astype(np.int32))
+
+
 def seeds(gen, ids, cfg):
     """Token ids (U,) -> seeds z = C1[i1] + C2[i2] + C3[i3]: (U, d_seed)."""
+    if cfg.id_permutation_seed:  # the lab: does the tokenizer's id order matter?
+        ids = id_permutation(cfg.id_permutation_seed, cfg.vocab_size)[ids]
     digits = decompose(ids, cfg.base, cfg.n_digits)  # (U, n_digits)
     return gen["codebooks"][jnp.arange(cfg.n_digits), digits].sum(-2)
 
@@ -313,7 +343,8 @@ def head_factors(head, z, cfg):
 
 def generator_head(head, z, cfg):
     """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model)."""
-    modes = separable_product(head_factors(head, z, cfg))  # (U, R)
+    phi = head_factors(head, z, cfg)  # (d_seed, U, R)
+    modes = separable_product(phi) if cfg.gen_combine == "product" else phi.mean(0)  # (U, R)
     return f32_matmul(modes, head["Wout"])  # (U, D)
 
 
@@ -376,7 +407,9 @@ def init_params(key, cfg):
     if cfg.model == "leviathan":
         params["generator"] = init_generator(keys[8], cfg)
     else:
-        params["embed"] = normal(keys[8], (V, D), std)  # the lookup table Leviathan replaces
+        params["embed"] = normal(keys[8], (V, D), cfg.embed_init_std)  # the table Leviathan replaces
+    if cfg.embed_norm == "rms":
+        params["embed_norm"] = jnp.ones((D,))
     return params
 
 
@@ -445,6 +478,8 @@ def transformer(params, x, cfg):
     """Input embeddings (B, T, D) -> logits (B, T, V) in cfg.dtype. speed: layers run under
     lax.scan, so compile time does not grow with depth, and each block is recomputed in the backward
     pass (cfg.remat) instead of storing its activations."""
+    if cfg.embed_norm == "rms":  # the lab: the embeddings at one scale, whichever model made them
+        x = rms_norm(x, params["embed_norm"], cfg.norm_eps)
     cos, sin = rope_tables(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
     layer_fn = functools.partial(block, cos=cos, sin=sin, cfg=cfg)
     if cfg.remat:
@@ -773,7 +808,68 @@ def peak_flops(device=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. `python leviathan.py`: the size table, then a tiny Leviathan learning its own source code
+# 11. A trained model: its parameter file, and sampling
+# ------------------------------------------------------------------------------------------------
+
+
+def save_params(path, params, cfg, **meta):
+    """The parameters alone, for sampling and for your own code (train.py writes params.npz beside
+    each checkpoint): one float32 array per parameter, named by its path in the params dict
+    ("head", "layers/wq", "generator/codebooks", ...), and "meta", a JSON string holding "config"
+    (every Config field) and the keyword arguments (train.py: "step", "tokenizer")."""
+    flat = {"/".join(k.key for k in path_): np.asarray(x, np.float32)
+            for path_, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]}
+    flat["meta"] = np.array(json.dumps({"config": dataclasses.asdict(cfg), **meta}))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:  # written whole, then renamed: `path` is never half-written
+        np.savez(f, **flat)
+    os.replace(tmp, path)
+
+
+def load_params(path):
+    """-> (params, cfg, meta) of a file written by save_params; no optimizer is built."""
+    with np.load(path) as f:
+        meta = json.loads(str(f["meta"]))
+        params = {}
+        for name in f.files:
+            if name != "meta":
+                *parents, leaf = name.split("/")
+                functools.reduce(lambda d, key: d.setdefault(key, {}), parents, params)[leaf] = f[name]
+    cfg = Config(**meta.pop("config"))
+    return jax.tree_util.tree_map(jnp.asarray, params), cfg, meta
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "top_k", "n_valid"))
+def sample(params, cfg, prompt_ids, n_new, key, temperature=1.0, top_k=0, n_valid=None):
+    """Continue prompt_ids (P,) by n_new tokens -> (n_new,) int32, one token at a time.
+
+    Each new token is drawn from softmax(logits / temperature) over the top_k most likely ids (0: all
+    of them); temperature 0 takes the argmax. Ids from n_valid on (the vocabulary's padding) are never
+    drawn. The model sees at most the last cfg.seq_len tokens. Shapes are static: the tokens live in
+    a fixed buffer and every step runs `forward` on a seq_len window of it (no KV cache: simple, and
+    fast enough for these sizes)."""
+    P, T = prompt_ids.shape[0], cfg.seq_len
+    buffer = jnp.zeros(max(P + n_new, T), jnp.int32).at[:P].set(prompt_ids)  # prompt, then new tokens
+
+    def next_token(i, buffer):
+        length = P + i  # tokens so far
+        start = jnp.maximum(length - T, 0)  # the window: the last T tokens (later slots are unread)
+        window = jax.lax.dynamic_slice(buffer, (start,), (T,))  # (T,)
+        logits = forward(params, window[None], cfg)[0, length - 1 - start].astype(jnp.float32)  # (V,)
+        if n_valid is not None:
+            logits = jnp.where(jnp.arange(logits.shape[0]) < n_valid, logits, -jnp.inf)
+        if top_k:
+            kth = jax.lax.top_k(logits, top_k)[0][-1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        drawn = jax.random.categorical(jax.random.fold_in(key, i), logits / jnp.maximum(temperature, 1e-30))
+        return buffer.at[length].set(jnp.where(temperature > 0, drawn, jnp.argmax(logits)))
+
+    buffer = jax.lax.fori_loop(0, n_new, next_token, buffer)
+    return buffer[P:P + n_new]
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. `python leviathan.py`: the size table, then a tiny Leviathan learning its own source code
 # ------------------------------------------------------------------------------------------------
 
 
@@ -809,8 +905,12 @@ def demo(steps=150, batch_size=16, seq_len=64, seed=0):
             yield prepare_batch(np.stack([data[s:s + seq_len + 1] for s in starts]))
 
     state = init_state(jax.random.key(seed), cfg)
-    train_loop(state, batches(), make_train_step(cfg), steps, on_step=print_every(25))
+    state = train_loop(state, batches(), make_train_step(cfg), steps, on_step=print_every(25))
     print(f"(a uniform guess over {cfg.vocab_size} tokens is ln V = {math.log(cfg.vocab_size):.2f} nats)")
+    prompt = np.array(enc.encode_ordinary("def "), np.int32)
+    new = sample(state["params"], cfg, prompt, 120, jax.random.key(seed), 0.8, top_k=20, n_valid=enc.n_vocab)
+    print(f"\nwhat it writes after {steps} steps (temperature 0.8, top-k 20):\n"
+          f"def {enc.decode(np.asarray(new).tolist())}")
 
 
 if __name__ == "__main__":

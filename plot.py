@@ -11,14 +11,19 @@ folder is searched for run folders below it. Figures and summary.md go to --out
     scaling        final loss against parameters with L(N) = A N^-alpha + b fitted to
                    the dense and the Leviathan runs, and the effective-parameter
                    multiplier N_eff / N next to the paper's reported numbers
-    data_scaling   L(D) = B D^-beta + b fitted to each run's validation curve
-    rare_tokens    validation loss per token-frequency bucket, dense versus Leviathan
-    summary.md     the markdown table that is also printed
+    data_scaling   each run's validation curve, with L(D) = B D^-beta + b drawn where
+                   it could be fitted
+    rare_tokens    validation loss per token-frequency bucket, dense versus Leviathan,
+                   bucketed by the target token and, where the logs have
+                   val_input_bucket_loss, by the input token as well
+    summary.md     the markdown table, then the warnings as notes
 
-b is 1.69 as in the paper unless --b or --free-b says otherwise. Runs are paired
-by (size, seed). N is a run's own parameter count (config "n_params"). Warnings
-are one sentence each on stderr; the table goes to stdout. Exit status 0 when at
-least one run was read, 1 otherwise. Needs numpy and matplotlib only.
+b is 1.69 as in the paper unless --b (a finite number >= 0) or --free-b says
+otherwise. Runs are paired by (size, seed). N is a run's own parameter count
+(config "n_params"). Each warning is one sentence, printed once, on stderr; the
+table (without the notes) goes to stdout. Legends sit outside the axes, so they
+cover no data. Exit status 0 when at least one run was read, 1 when none was, 2
+for a bad command line. Needs numpy and matplotlib only.
 """
 import argparse
 import json
@@ -35,7 +40,8 @@ PAPER_B = 1.69
 PAPER_POINTS = [(109e6, 230e6), (421e6, 725e6)]  # (Leviathan params, dense params with equal loss)
 PAPER_RANGE = (1.47, 2.11)  # the paper's effective-parameter multipliers
 BUCKET_NAMES = ["0\nmost frequent", "1", "2", "3", "4\nrarest"]
-WARNINGS = []  # every warning of this invocation, repeated in summary.md
+VIEWS = {"val_bucket": "target token", "val_input_bucket": "input token"}  # log field prefix: bucketed by
+WARNINGS = []  # every warning of this invocation, repeated as notes in summary.md
 
 
 class FitError(ValueError):
@@ -268,17 +274,40 @@ def combine_buckets(losses, counts):
     return sum(loss * n for loss, n in pairs) / total if total else None
 
 
-def final_buckets(run):
-    """(bucket losses, bucket token counts, their weighted mean) at the last eval that has them."""
+def final_buckets(run, prefix="val_bucket"):
+    """(bucket losses, bucket token counts, their weighted mean) of the fields `prefix`_loss and
+    `prefix`_tokens at the last eval that has them, or None."""
     for record in reversed(run["evals"]):
-        losses, counts = record.get("val_bucket_loss"), record.get("val_bucket_tokens")
+        losses, counts = record.get(f"{prefix}_loss"), record.get(f"{prefix}_tokens")
         if losses and counts and len(losses) == len(counts):
             overall = combine_buckets(losses, counts)
             if overall is not None and abs(overall - record["val_loss"]) > 0.01 * record["val_loss"]:
-                warn(f"run {run['name']}'s bucket losses average to {overall:.3f}, "
-                     f"not its val_loss {record['val_loss']:.3f}.")
+                warn(f"run {run['name']}'s bucket losses by {VIEWS.get(prefix, prefix)} average to "
+                     f"{overall:.3f}, not its val_loss {record['val_loss']:.3f}.")
             return losses, counts, overall
     return None
+
+
+def add_buckets(runs):
+    """run["buckets"][prefix] = final_buckets(run, prefix) for each view in VIEWS (None: not logged)."""
+    for run in runs:
+        run["buckets"] = {prefix: final_buckets(run, prefix) for prefix in VIEWS}
+
+
+def bucket_bars(buckets):
+    """Bar heights: each bucket's loss (nan when empty), then the token-weighted mean."""
+    losses, _, overall = buckets
+    return np.array([np.nan if loss is None else loss for loss in losses] + [overall], float)
+
+
+def bucket_rows(pairs, prefix):
+    """(pair, dense bars, Leviathan bars) for each pair whose two runs logged `prefix` buckets alike."""
+    rows = []
+    for pair in filter(is_pair, pairs):
+        dense, leviathan = (pair[model].get("buckets", {}).get(prefix) for model in ("dense", "leviathan"))
+        if dense and leviathan and len(dense[0]) == len(leviathan[0]):
+            rows.append((pair, bucket_bars(dense), bucket_bars(leviathan)))
+    return [row for row in rows if len(row[1]) == len(rows[0][1])]
 
 
 # ---------------------------------------------------------------- figures
@@ -309,8 +338,38 @@ def pair_name(pair):
     return pair["label"] + (" (NOT matched)" if pair["matched"] is False else "")
 
 
-def plot_loss_curves(pairs, path):
-    fig, (ax_loss, ax_gap) = plt.subplots(1, 2, figsize=(14, 5.5))
+def new_figure(n_rows, n_cols, size, **kwargs):
+    """A figure with constrained layout, so that legends placed outside the axes get room."""
+    return plt.subplots(n_rows, n_cols, figsize=size, layout="constrained", **kwargs)
+
+
+def legend_outside(ax):
+    """The axes' legend to the right of it, where it cannot cover data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+def figure_legend(fig):
+    """One legend for all panels, right of them, each label once (the panels share their labels)."""
+    entries = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), fontsize=8, loc="outside right upper")
+
+
+def data_limits(values, margin=0.1):
+    """(low, high) around the finite values, widened by `margin` of their spread on each side."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    low, high = values.min(), values.max()
+    pad = margin * ((high - low) or abs(high) or 1.0)
+    return low - pad, high + pad
+
+
+def loss_curves_figure(pairs):
+    fig, (ax_loss, ax_gap) = new_figure(1, 2, (16, 5.5))
     for pair in pairs:
         for model, style in (("leviathan", "-"), ("dense", "--")):
             if model not in pair:
@@ -333,18 +392,17 @@ def plot_loss_curves(pairs, path):
                title="Leviathan's advantage (above 0: Leviathan is better)")
     for ax in (ax_loss, ax_gap):
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    figure_legend(fig)
     if any(pair["matched"] is False for pair in pairs):
         fig.suptitle("Pairs marked NOT matched saw different training tokens", color="red")
-    return save(fig, path)
+    return fig
 
 
-def plot_scaling(runs, laws, path):
+def scaling_figure(runs, laws):
     points = [r for r in runs if r["n_params"] and r["evals"]]
     if not points:
         return warn("no run has both a parameter count and a validation loss, so scaling was not drawn.")
-    fig, (ax, ax_mult) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax_mult) = new_figure(1, 2, (18, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     ours = [r["n_params"] for r in points] + [r["n_eff"] for r in points if "n_eff" in r]
     for model, marker, colour, style in (("dense", "o", "C0", "-"), ("leviathan", "*", "C3", "--")):
         mine = [r for r in points if r["model"] == model]
@@ -363,12 +421,22 @@ def plot_scaling(runs, laws, path):
     if laws["dense"]:
         draw_paper_on_dense_law(ax, laws["dense"], min(ours) / 1.3)
     ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss (nats/token)",
-           title="Scaling: L(N) = A N^-alpha + b (dotted: Leviathan -> dense size with equal loss)")
+           title=scaling_title(laws, any("n_eff" in r for r in points)))
     draw_multipliers(ax_mult, points)
-    for a, corner in ((ax, "upper right"), (ax_mult, "lower right")):
+    for a in (ax, ax_mult):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8, loc=corner)
-    return save(fig, path)
+        legend_outside(a)
+    return fig
+
+
+def scaling_title(laws, has_n_eff):
+    """The scaling panel's title, naming only what is drawn."""
+    title = "Final loss against parameters"
+    if laws["dense"] or laws["leviathan"]:
+        title += "\nlines: L(N) = A N^-alpha + b"
+    if has_n_eff:
+        title += "; dotted: Leviathan -> dense size with equal loss"
+    return title
 
 
 def draw_paper_on_dense_law(ax, dense_law, n_min):
@@ -398,49 +466,59 @@ def draw_multipliers(ax, points):
                 transform=ax.transAxes, ha="center", color="gray")
     ax.margins(x=0.15)  # room for the paper points' labels
     ax.set(xscale="log", xlabel="Leviathan parameters N", ylabel="effective-parameter multiplier N_eff / N",
-           title="Leviathan behaves as a dense model N_eff / N times larger")
+           title="Effective-parameter multiplier N_eff / N, ours against the paper's")
 
 
-def plot_data_scaling(pairs, path):
+def data_scaling_figure(pairs):
     runs = [pair[m] for pair in pairs for m in ("leviathan", "dense") if m in pair and pair[m]["evals"]]
     if not runs:
         return warn("no run has validation points, so data_scaling was not drawn.")
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = new_figure(1, 1, (12, 5.5))
     for run in runs:
         style, marker = ("-", "*") if run["model"] == "leviathan" else ("--", "o")
         tokens, val = series(run["evals"], "val_loss")
         label = f"{run['name']} ({run['model']})"
         if "data_law" in run:
             grid = np.geomspace(tokens.min(), tokens.max(), 100)
-            ax.plot(grid, power_law(grid, *run["data_law"]), style, color=run["colour"], lw=1)
+            ax.plot(grid, power_law(grid, *run["data_law"]), style, color=run["colour"], lw=1,
+                    gid=f"L(D) fit: {run['name']}")
             label += f": beta = {run['data_law'][1]:.3f}"
+        else:
+            label += ": no fit"
         ax.scatter(tokens, val, marker=marker, color=run["colour"], s=25, label=label)
-    ax.set(xscale="log", xlabel="tokens seen D", ylabel="validation loss (nats/token)",
-           title="Data scaling: L(D) = B D^-beta + b fitted to each run (Leviathan solid, dense dashed)")
+    title = "Data scaling: validation loss against tokens seen (Leviathan stars, dense dots)"
+    if any("data_law" in run for run in runs):
+        title += "\nlines: L(D) = B D^-beta + b fitted to the run (Leviathan solid, dense dashed)"
+    ax.set(xscale="log", xlabel="tokens seen D", ylabel="validation loss (nats/token)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save(fig, path)
+    legend_outside(ax)
+    return fig
 
 
-def bucket_bars(buckets):
-    """Bar heights: each bucket's loss (nan when empty), then the token-weighted mean."""
-    losses, _, overall = buckets
-    return np.array([np.nan if loss is None else loss for loss in losses] + [overall], float)
-
-
-def plot_rare_tokens(pairs, path):
-    rows = []  # (pair, dense bars, Leviathan bars)
-    for pair in filter(is_pair, pairs):
-        dense, leviathan = final_buckets(pair["dense"]), final_buckets(pair["leviathan"])
-        if dense and leviathan and len(dense[0]) == len(leviathan[0]):
-            rows.append((pair, bucket_bars(dense), bucket_bars(leviathan)))
-    rows = [row for row in rows if len(row[1]) == len(rows[0][1])]
-    if not rows:
+def rare_tokens_figure(pairs):
+    """Per-bucket losses and gaps, one column per view (target token, input token) that was logged."""
+    views = {prefix: rows for prefix in VIEWS if (rows := bucket_rows(pairs, prefix))}
+    if not views:
         return warn("no dense/Leviathan pair has per-bucket validation losses, so rare_tokens was not drawn.")
+    left_out = [pair_name(row[0]) for row in bucket_rows(pairs, "val_bucket")
+                if "val_input_bucket" in views and row[0] not in [r[0] for r in views["val_input_bucket"]]]
+    if left_out:
+        warn(f"pair(s) {', '.join(left_out)} have no input-token buckets in their logs, "
+             "so rare_tokens' input-token panels leave them out.")
+    fig, axes = new_figure(2, len(views), (7.5 * len(views) + 2.5, 9.5), squeeze=False)
+    for (ax, ax_gap), (prefix, rows) in zip(axes.T, views.items()):
+        draw_buckets(ax, ax_gap, rows, VIEWS[prefix])
+    figure_legend(fig)
+    if "val_input_bucket" not in views:
+        fig.suptitle("By target token only: these logs have no input-token buckets (val_input_bucket_loss)")
+    return fig
+
+
+def draw_buckets(ax, ax_gap, rows, view):
+    """Dense and Leviathan bars per bucket (y axis fitted to them), and their difference below."""
     n_buckets = len(rows[0][1]) - 1
     names = (BUCKET_NAMES if n_buckets == 5 else [str(i) for i in range(n_buckets)]) + ["all\n(weighted)"]
     x, width = np.arange(n_buckets + 1) - 0.4, 0.8 / (2 * len(rows))
-    fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(14, 5.5))
     for i, (pair, dense, leviathan) in enumerate(rows):
         colour, left = pair["colour"], x + 2 * i * width
         ax.bar(left, dense, width, align="edge", color=colour, alpha=0.4, hatch="//")
@@ -448,21 +526,21 @@ def plot_rare_tokens(pairs, path):
         ax_gap.bar(left, dense - leviathan, 2 * width, align="edge", color=colour, label=pair_name(pair),
                    hatch="//" if pair["matched"] is False else None)
     ax_gap.axhline(0, color="black", lw=0.8)
-    ax.set_ylim(0, 1.3 * np.nanmax([row[1:] for row in rows]))
+    ax.set_ylim(*data_limits([row[1:] for row in rows]))
     ax.set(ylabel="validation loss (nats/token)",
-           title="Loss by token-frequency bucket (pale hatched: dense, solid: Leviathan)")
+           title=f"By {view}: loss per frequency bucket (pale hatched: dense, solid: Leviathan)")
     ax_gap.set(ylabel="dense minus Leviathan (nats/token)",
-               title="Leviathan's advantage by bucket (above 0: better)")
+               title=f"By {view}: Leviathan's advantage per bucket (above 0: better)")
     for a in (ax, ax_gap):
         a.set_xticks(x + 0.4, names)
-        a.set_xlabel("token-frequency bucket (by frequency rank in the training stream)")
+        a.set_xlabel(f"{view}'s frequency bucket (by frequency rank in the training stream)")
         a.grid(alpha=0.3, axis="y")
-        a.legend(fontsize=8, ncol=2, loc="upper left")
-    return save(fig, path)
 
 
 def save(fig, path):
-    fig.tight_layout()
+    """Write the figure (None: not drawn) and return its path."""
+    if fig is None:
+        return None
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -484,7 +562,8 @@ def number(value, digits=4):
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def summary_markdown(runs, laws):
+def summary_markdown(runs, pairs, laws):
+    """The table and the fits under it; the warnings are not part of it (see notes_markdown)."""
     header = ["run", "model", "size", "seed", "params", "tokens", "final val loss", "val bpb",
               "effective params", "multiplier", "alpha (params)", "beta (tokens)", "pair"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -500,7 +579,7 @@ def summary_markdown(runs, laws):
     for model in ("dense", "leviathan"):
         law = laws[model]
         lines.append(f"- {model} law: L(N) = {law[0]:.4g} N^-{law[1]:.4f} + {law[2]:.4g}" if law
-                     else f"- {model} law: not fitted (see notes)")
+                     else f"- {model} law: not fitted (a warning says why)")
     if laws["dense"] and laws["leviathan"]:
         bigger = "larger" if laws["leviathan"][1] > laws["dense"][1] else "not larger"
         same_b = laws["leviathan"][2] == laws["dense"][2]
@@ -511,46 +590,90 @@ def summary_markdown(runs, laws):
         betas = [r["data_law"][1] for r in runs if r["model"] == model and "data_law" in r]
         if betas:
             lines.append(f"- {model} data exponent beta: mean {np.mean(betas):.4f} over {len(betas)} run(s)")
+    lines += bucket_gap_lines(pairs)
     lines.append("- paper reference: Leviathan 109M ~ 230M dense (2.11x), 421M ~ 725M dense (1.72x); "
                  "multipliers 1.47-2.11x")
-    lines += [f"- note: {message}" for message in WARNINGS]
     return "\n".join(lines)
+
+
+def bucket_gap_lines(pairs):
+    """One line per view and pair: dense minus Leviathan loss in each bucket, then overall."""
+    lines = []
+    for prefix, view in VIEWS.items():
+        for pair, dense, leviathan in bucket_rows(pairs, prefix):
+            gaps = " ".join("-" if np.isnan(gap) else f"{gap:+.3f}" for gap in dense - leviathan)
+            lines.append(f"- {pair_name(pair)}: dense minus Leviathan per {view} bucket "
+                         f"(frequent to rare, then all): {gaps}")
+    return lines
+
+
+def notes_markdown():
+    """The warnings of this invocation as markdown notes, for summary.md."""
+    return "".join(f"- note: {message}\n" for message in WARNINGS)
 
 
 # ---------------------------------------------------------------- main
 
+def loss_floor(text):
+    """--b's value: a finite number >= 0, else an error sentence naming --b and its range."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"it must be a finite number >= 0 (the fits' loss floor in "
+                                         f"nats/token), not {text!r}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad command line in one sentence (exit status 2), not argparse's usage block."""
+
+    def error(self, message):
+        print(f"error: {message}; see python plot.py --help.", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="plot.py", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders, or folders that contain run folders")
     parser.add_argument("--out", help="output folder (default: 'plots' next to the first run)")
     parser.add_argument("--format", choices=["png", "pdf", "svg"], default="png", help="figure format")
-    parser.add_argument("--b", type=float, default=PAPER_B, help="the fits' fixed loss floor (default 1.69)")
-    parser.add_argument("--free-b", action="store_true", help="fit b too instead of fixing it")
+    parser.add_argument("--b", type=loss_floor, default=PAPER_B,
+                        help="the fits' fixed loss floor, a finite number >= 0 (default 1.69)")
+    parser.add_argument("--free-b", action="store_true", help="fit b too instead of --b's fixed floor")
     return parser.parse_args(argv)
+
+
+def analyse(paths, b):
+    """(runs, pairs, laws): the runs under `paths`, paired, fitted and with their final buckets."""
+    runs = load_runs(paths)
+    pairs = match_pairs(runs)
+    laws = {model: fit_scaling(runs, model, b) for model in ("dense", "leviathan")}
+    add_effective_sizes(runs, laws["dense"])
+    add_data_fits(runs, b)
+    add_buckets(runs)
+    return runs, pairs, laws
 
 
 def main(argv=None):
     args = parse_args(argv)
     WARNINGS.clear()
-    runs = load_runs(args.runs)
+    runs, pairs, laws = analyse(args.runs, None if args.free_b else args.b)
     if not runs:
         print(f"error: found no readable run folder (config.json + log.jsonl) in {' '.join(args.runs)}.",
               file=sys.stderr)
         return 1
-    b = None if args.free_b else args.b
-    pairs = match_pairs(runs)
-    laws = {model: fit_scaling(runs, model, b) for model in ("dense", "leviathan")}
-    add_effective_sizes(runs, laws["dense"])
-    add_data_fits(runs, b)
     out = Path(args.out) if args.out else runs[0]["dir"].parent / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_loss_curves(pairs, out / f"loss_curves.{args.format}"),
-               plot_scaling(runs, laws, out / f"scaling.{args.format}"),
-               plot_data_scaling(pairs, out / f"data_scaling.{args.format}"),
-               plot_rare_tokens(pairs, out / f"rare_tokens.{args.format}")]
-    table = summary_markdown(runs, laws)
-    (out / "summary.md").write_text(table + "\n")
-    print(table)
+    figures = {"loss_curves": lambda: loss_curves_figure(pairs),
+               "scaling": lambda: scaling_figure(runs, laws),
+               "data_scaling": lambda: data_scaling_figure(pairs),
+               "rare_tokens": lambda: rare_tokens_figure(pairs)}
+    written = [save(draw(), out / f"{name}.{args.format}") for name, draw in figures.items()]
+    table = summary_markdown(runs, pairs, laws)
+    (out / "summary.md").write_text(table + "\n" + ("\n" + notes_markdown() if WARNINGS else ""))
+    print(table)  # the warnings were printed on stderr as they came; summary.md keeps them as notes
     for path in filter(None, written):
         print(f"wrote {path}")
     print(f"wrote {out / 'summary.md'}")

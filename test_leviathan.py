@@ -473,6 +473,68 @@ def test_rope_matches_numpy_and_is_relative():
     assert np.ptp(np.diagonal(dots, 0)) < 1e-4 < abs(dots[0, 0] - dots[0, 3])
 
 
+# --- the lab's knobs ------------------------------------------------------------------------------
+
+
+def generator_formula(cfg):
+    """The generator's parameter count by hand: codebooks, then per head W, LayerNorm, S, Wout."""
+    ds, G, R, D = cfg.d_seed, cfg.gen_knots, cfg.gen_rank, cfg.d_model
+    return cfg.n_digits * cfg.base * ds + cfg.gen_heads * (ds * ds + 2 * ds + ds * G * R + R * D)
+
+
+@pytest.mark.parametrize("knobs", [dict(n_digits=2), dict(n_digits=4), dict(gen_knots=8, gen_rank=16),
+                                   dict(d_seed=16, gen_heads=3), dict(gen_combine="sum"),
+                                   dict(id_permutation_seed=7), dict(embed_norm="rms")])
+def test_generator_knobs_run_and_count_as_their_formula(knobs):
+    cfg = small_config(**knobs)
+    shapes = lv.param_shapes(cfg)
+    assert lv.count_params(shapes["generator"]) == generator_formula(cfg)
+    assert cfg.base ** cfg.n_digits >= cfg.vocab_size > (cfg.base - 1) ** cfg.n_digits
+    assert ("embed_norm" in shapes) == (knobs.get("embed_norm") == "rms")
+    state = lv.init_state(jax.random.key(0), cfg)
+    batch = lv.prepare_batch(random_tokens(0, 4, 16, V_SMALL))
+    state, metrics = lv.make_train_step(cfg)(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_the_default_knobs_are_the_papers_model():
+    cfg = lv.Config()
+    assert (cfg.embed_norm, cfg.gen_combine, cfg.id_permutation_seed) == ("none", "product", 0)
+    assert cfg.embed_init_std == cfg.init_std
+    assert "embed_norm" not in lv.param_shapes(small_config("dense"))
+
+
+def test_sum_combine_makes_each_mode_the_mean_of_its_factors():
+    cfg = small_config(gen_combine="sum")
+    gen = lv.init_params(jax.random.key(0), cfg)["generator"]
+    ids = jnp.arange(10)
+    z = lv.seeds(gen, ids, cfg)
+    expected = sum(lv.head_factors({k: v[h] for k, v in gen.items() if k != "codebooks"}, z, cfg).mean(0)
+                   @ gen["Wout"][h] for h in range(cfg.gen_heads))
+    np.testing.assert_allclose(lv.generate_embeddings(gen, ids, cfg), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_id_permutation_relabels_the_ids_before_decomposition():
+    plain, permuted = small_config(), small_config(id_permutation_seed=3)
+    gen = lv.init_params(jax.random.key(0), plain)["generator"]
+    ids = jnp.arange(V_SMALL)
+    perm = lv.id_permutation(3, V_SMALL)
+    assert sorted(np.asarray(perm).tolist()) == list(range(V_SMALL)) and not np.array_equal(perm, ids)
+    np.testing.assert_array_equal(lv.generate_embeddings(gen, ids, permuted),
+                                  lv.generate_embeddings(gen, perm, plain))
+
+
+def test_embed_norm_makes_the_body_blind_to_the_embeddings_scale():
+    cfg = small_config("dense", embed_norm="rms", embed_init_std=0.5)
+    params = lv.init_params(jax.random.key(0), cfg)
+    assert np.std(params["embed"]) == pytest.approx(0.5, rel=0.02)
+    tokens = jnp.asarray(random_tokens(0, 2, 16, V_SMALL)[:, :-1])
+    scaled = {**params, "embed": params["embed"] * 10}
+    np.testing.assert_allclose(lv.forward(scaled, tokens, cfg), lv.forward(params, tokens, cfg), atol=1e-4)
+    plain = small_config("dense", embed_init_std=0.5)
+    assert not np.allclose(lv.forward(scaled, tokens, plain), lv.forward(params, tokens, plain), atol=1e-4)
+
+
 # --- 5-9. loss, optimizer, distinct-id batches, train step, training loop -------------------------
 
 
@@ -635,6 +697,97 @@ def test_train_loop_passes_info_and_lets_the_callback_see_the_state_before_a_loa
     assert seen == [(i + 1, f"position {i}", False) for i in range(4)] + [(5, "position 4", 5)]
 
 
+# --- 11. a trained model -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", lv.MODELS)
+def test_parameter_file_holds_the_parameters_alone_and_predicts_the_same(model, tmp_path):
+    cfg = small_config(model)
+    params = lv.init_params(jax.random.key(3), cfg)
+    path = str(tmp_path / "params.npz")
+    lv.save_params(path, params, cfg, step=7, tokenizer="bytes")
+    with np.load(path) as f:  # the layout the README describes
+        assert "layers/wq" in f.files and "head" in f.files and "meta" in f.files
+        assert ("generator/codebooks" if model == "leviathan" else "embed") in f.files
+        assert all(f[name].dtype == np.float32 for name in f.files if name != "meta")
+    loaded, loaded_cfg, meta = lv.load_params(path)
+    assert loaded_cfg == cfg and meta == {"step": 7, "tokenizer": "bytes"}
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(params)
+    assert_trees_close(loaded, params, rtol=0, atol=0)
+    tokens = jnp.asarray(random_tokens(0, 2, 16, V_SMALL)[:, :-1])
+    np.testing.assert_array_equal(lv.forward(loaded, tokens, cfg), lv.forward(params, tokens, cfg))
+
+
+def next_token_logits(params, cfg, ids):
+    """The plain path's logits for the token after `ids`, seeing at most the last seq_len: (V,)."""
+    context = jnp.asarray(ids[-cfg.seq_len:], jnp.int32)[None]
+    return np.asarray(lv.forward(params, context, cfg)[0, -1])
+
+
+@pytest.fixture(scope="module")
+def sampling_model():
+    cfg = small_config(seq_len=8)
+    params = lv.init_params(jax.random.key(1), cfg)
+    params["head"] = params["head"] * 50  # spread the logits so that "the most likely" is clear-cut
+    return params, cfg, np.array([3, 1, 4, 1, 5], np.int32)
+
+
+def test_sampling_at_temperature_zero_is_the_greedy_continuation(sampling_model):
+    params, cfg, prompt = sampling_model
+    new = np.asarray(lv.sample(params, cfg, prompt, 12, jax.random.key(0), 0.0))  # 17 > seq_len: cropped
+    ids = list(prompt)
+    for token in new:
+        logits = next_token_logits(params, cfg, ids)
+        assert logits[token] >= logits.max() - 1e-4
+        ids.append(int(token))
+    near_zero = lv.sample(params, cfg, prompt, 12, jax.random.key(5), 1e-6)
+    np.testing.assert_array_equal(near_zero, new)
+
+
+def test_sampling_is_seeded_and_top_k_keeps_to_the_k_most_likely(sampling_model):
+    params, cfg, prompt = sampling_model
+    draw = functools.partial(lv.sample, params, cfg, prompt, 12, temperature=3.0, top_k=3, n_valid=500)
+    first, again, other = (np.asarray(draw(jax.random.key(s))) for s in (0, 0, 1))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    for new in (first, other):
+        ids = list(prompt)
+        for token in new:
+            logits = next_token_logits(params, cfg, ids)
+            assert token < 500 and logits[token] >= np.sort(logits[:500])[-3] - 1e-4
+            ids.append(int(token))
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """A run folder holding only params.npz, with the byte tokenizer."""
+    run = tmp_path_factory.mktemp("sample_run")
+    cfg = small_config(vocab_size=BYTES.n_vocab, seq_len=8)
+    lv.save_params(str(run / "params.npz"), lv.init_params(jax.random.key(0), cfg), cfg, step=1, tokenizer="bytes")
+    return run
+
+
+def test_sample_py_prints_the_same_text_for_the_same_seed(sample_run, capsys):
+    import sample
+
+    outputs = []
+    for _ in range(2):
+        assert sample.main([str(sample_run), "--prompt", "The", "--tokens", "10", "--seed", "0"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("The") and len(outputs[0]) > 4
+
+
+@pytest.mark.parametrize("case", ["no run", "prompt"])
+def test_sample_py_errors_are_one_sentence(case, sample_run, tmp_path, capsys):
+    import sample
+
+    argv, named = {"no run": ([str(tmp_path)], "holds no params.npz"),
+                   "prompt": ([str(sample_run), "--prompt", "a <|endoftext|> b"], "cannot encode the prompt")}[case]
+    assert sample.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and named in err, err
+
+
 # ================================================================================================
 # data.py
 # ================================================================================================
@@ -772,6 +925,46 @@ def test_loader_state_resumes_the_stream_exactly(tmp_path, monkeypatch):
         assert np.array_equal(resumed.counts, reference.counts)
 
 
+def test_text_files_and_folders_are_documents(tmp_path):
+    (tmp_path / "notes" / "deep").mkdir(parents=True)
+    (tmp_path / "notes" / "b.md").write_text("# Title\n\nsecond")
+    (tmp_path / "notes" / "deep" / "a.txt").write_text("first")
+    (tmp_path / "notes" / "skip.png").write_bytes(b"\x89PNG")
+    (tmp_path / "notes" / "blank.txt").write_text("\n\n")
+    sources = data.resolve_sources([str(tmp_path / "notes")], "--data")
+    assert [os.path.relpath(s, tmp_path) for s in sources] == [
+        os.path.join("notes", x) for x in ("b.md", "blank.txt", os.path.join("deep", "a.txt"))]
+    stream = data.BatchStream(sources, BYTES, seq_len=100, batch_size=1, shuffle_buffer=0, loop=False)
+    stream.next_sequence()
+    assert stream.pending.tolist() == [*b"# Title\n\nsecond", EOT, *b"first", EOT]  # a file is a document
+    assert stream.documents == {"text": 2} and stream.bad_lines == 0
+
+
+def test_a_big_text_file_is_cut_at_blank_lines_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "TEXT_DOCUMENT", 12)
+    monkeypatch.setattr(data, "GROUP_CHARS", 1)  # tokenize one document at a time
+    paragraphs = ["one two three", "four\nfive", "six seven eight nine", "ten"]
+    path = str(tmp_path / "book.txt")
+    Path(path).write_text("\n\n".join(paragraphs) + "\n")
+    documents = [d for d, _ in data.text_documents(path)]
+    assert documents == [b"one two three", b"four\nfive\n\nsix seven eight nine", b"ten"]
+    whole = data.BatchStream([path], BYTES, seq_len=7, batch_size=1, shuffle_buffer=0, loop=False)
+    expected = drain(whole.next_sequence)
+    part = data.BatchStream([path], BYTES, seq_len=7, batch_size=1, shuffle_buffer=0, loop=False)
+    first = [part.next_sequence() for _ in range(2)]
+    resumed = data.BatchStream([path], BYTES, seq_len=7, batch_size=1, shuffle_buffer=0, loop=False)
+    resumed.load_state(part.state())
+    assert 0 < resumed.offset < os.path.getsize(path)  # stopped inside the file, at a document's end
+    assert [s.tolist() for s in first + drain(resumed.next_sequence)] == [s.tolist() for s in expected]
+
+
+def test_short_validation_text_says_how_many_tokens_it_holds(tmp_path):
+    path = tmp_path / "val.txt"
+    path.write_text("too short")
+    with pytest.raises(data.DataError, match=r"holds 10 tokens, fewer than 1 sequence\(s\) of --seq-len \+ 1 = 65"):
+        data.load_validation([str(path)], BYTES, 64, 1000, rows=4)
+
+
 # --- HTTP ------------------------------------------------------------------------------------------
 
 
@@ -887,6 +1080,20 @@ def test_bucket_losses_average_to_the_validation_loss():
     assert all((x is None) == (k == 0) for k, x in zip(n, loss))
 
 
+def test_input_buckets_group_positions_by_the_input_token():
+    counts = np.array([100, 50, 10, 5, 1, 0])  # ids 0 .. 5: bucket 0 holds id 0 (most frequent)
+    buckets = data.frequency_buckets(counts)
+    inputs = np.array([[0, 0, 5, 3]])  # positions read ids 0, 0, 5 (unseen: the last bucket), 3
+    targets = np.array([[5, 3, 0, 0]])
+    losses = np.array([[1.0, 2.0, 7.0, 4.0]])
+    summary = data.loss_summary(losses, targets, buckets, n_bytes=4, inputs=inputs)
+    assert summary["val_input_bucket_tokens"][0] == 2 and summary["val_input_bucket_loss"][0] == 1.5
+    assert summary["val_input_bucket_tokens"][-1] == 1 + (buckets[3] == 4)
+    assert summary["val_bucket_tokens"][0] == 2 and summary["val_bucket_loss"][0] == 5.5  # by target
+    n, loss = summary["val_input_bucket_tokens"], summary["val_input_bucket_loss"]
+    assert sum(k * x for k, x in zip(n, loss) if k) / sum(n) == pytest.approx(summary["val_loss"])
+
+
 @pytest.mark.slow
 def test_loader_throughput_measures_the_whole_loader():
     shards = [os.path.join(HERE, MINIPILE, f"{i:02d}.jsonl.zst") for i in (0, 1)]
@@ -926,6 +1133,88 @@ def test_counts_on_the_command_line():
         1_500_000_000, 64_000]
     args = train.parse_args(["--tokens", "2B", "--size", "tiny"])
     assert args.tokens == 2_000_000_000 and args.eval_tokens == 2_000_000
+
+
+def test_every_numeric_flag_refuses_zero_negative_and_non_numbers(capsys):
+    """Each numeric flag of train.py with 0, -1 and a word: refused at parse time with exit 2 and one
+    sentence naming the flag and its range, or (0 only, where 0 has a meaning) accepted as 0."""
+    zero_means = {"--warmup", "--seed", "--eval-every", "--shuffle-buffer"}  # 0: none / at the end only
+    numeric = [a.option_strings[0] for a in train.parser()._actions if a.type not in (None, train.config_setting)]
+    assert len(numeric) == 15 and zero_means < set(numeric)
+    for flag in numeric:
+        for value in ("0", "-1", "many"):
+            argv = [flag, value] + (["--eval-tokens", "1M"] if flag == "--seq-len" else [])
+            if value == "0" and flag in zero_means:
+                assert getattr(train.parse_args(argv), flag[2:].replace("-", "_")) == 0
+                continue
+            with pytest.raises(SystemExit) as exit_:
+                train.parse_args(argv)
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and err.count("\n") == 1, (flag, value, err)
+            assert f"argument {flag}: must be" in err and repr(value) in err
+            assert "or more" in err or "above 0" in err
+
+
+def test_set_takes_any_config_field_by_its_type(capsys):
+    args = train.parse_args(["--size", "tiny", "--set", "gen_combine=sum", "--set", "gen_knots=8",
+                             "--set", "remat=false", "--set", "embed_init_std=0.2"])
+    assert args.set == [("gen_combine", "sum"), ("gen_knots", 8), ("remat", False), ("embed_init_std", 0.2)]
+    cfg, _ = train.build_config(args, BYTES, 1)
+    assert (cfg.gen_combine, cfg.gen_knots, cfg.remat, cfg.embed_init_std) == ("sum", 8, False, 0.2)
+    for bad, named in (("nonsense=1", "'nonsense=1' is not FIELD=VALUE"), ("gen_knots=abc", "takes int values"),
+                       ("gen_knots", "is not FIELD=VALUE"), ("lr=1", "lr has its own flag, --lr")):
+        with pytest.raises(SystemExit) as exit_:
+            train.parse_args(["--set", bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and named in err, err
+        assert "lr" in err if "own flag" in named else "gen_combine, id_permutation_seed" in err
+    with pytest.raises(train.BadFlag, match="--set: unknown gen_combine 'max'"):
+        train.build_config(train.parse_args(["--size", "tiny", "--set", "gen_combine=max"]), BYTES, 1)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--micro-batch", "16", "--batch-size", "8"], "--micro-batch 16 is larger than --batch-size 8"),
+    (["--eval-tokens", "100", "--seq-len", "128"], "--eval-tokens 100 is less than one sequence"),
+])
+def test_impossible_flag_combinations_exit_2(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and named in err
+
+
+@pytest.mark.slow
+def test_bad_numbers_exit_2_at_once_and_leave_no_run_folder(tmp_path):
+    for flags in (["--steps", "0"], ["--steps", "-5"], ["--batch-size", "0"], ["--seq-len", "0"],
+                  ["--log-every", "0"], ["--micro-batch", "3", "--batch-size", "4"]):
+        out = tmp_path / "run"
+        t0 = time.perf_counter()
+        result = subprocess.run([sys.executable, "train.py", "--size", "tiny", "--out", str(out),
+                                 "--data", f"{MINIPILE}/val.jsonl.zst", "--val-data", f"{MINIPILE}/val.jsonl.zst",
+                                 "--tokenizer", "bytes", "--eval-tokens", "1k", *flags],
+                                cwd=HERE, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        assert result.returncode == 2, (flags, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+        assert flags[0] in result.stderr and not out.exists()
+        print(f"{' '.join(flags)}: exit 2 after {seconds:.1f} s")
+
+
+def test_a_signal_at_the_last_step_says_the_run_is_complete(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(train, "log_step", lambda *a, **k: None)
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state, data_state, meta: saved.append(meta["step"]))
+    monkeypatch.setattr(lv, "save_params", lambda *a, **k: None)
+    monkeypatch.setattr(train, "all_finite", lambda state: True)
+    run = train.Run(lv.config("tiny", steps=4), None, str(tmp_path), {"tokenizer": "bytes"},
+                    {"log": 10, "eval": 0, "checkpoint": 10}, stop_at=4, start=0, val=None, loader=None,
+                    first=None, signal=signal.SIGTERM)
+    metrics, info = {"loss": 2.0, "grad_norm": 1.0}, ({}, 1)
+    with pytest.raises(train.Interrupted, match="after step 4, the last: the run is complete and saved"):
+        train.on_step(run, 4, metrics, {"params": {}}, info)
+    with pytest.raises(train.Interrupted, match="step 3, which is checkpointed; rerun .* --resume"):
+        train.on_step(run, 3, metrics, {"params": {}}, info)
+    assert saved == [4, 3]
 
 
 # --- bad input: one sentence on stderr, non-zero exit ---------------------------------------------------
@@ -976,6 +1265,40 @@ def test_unknown_size_lists_the_valid_ones():
                             text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "'7B'" in result.stderr and all(name in result.stderr for name in lv.SIZES)
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_trains_offline_on_text_files_it_is_given(tmp_path):
+    """The README's offline form in a folder with no ../shared beside it: only the three scripts, the
+    o200k file in the user's tiktoken cache, two text files written here."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("train.py", "data.py", "leviathan.py"):
+        (clone / name).write_bytes(Path(HERE, name).read_bytes())
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    o200k = "fb374d419588a4632f3f557e76b4b70aebbca790"  # tiktoken's cache name of o200k_base
+    (cache / o200k).write_bytes(Path(os.environ["TIKTOKEN_CACHE_DIR"], o200k).read_bytes())
+    rng = np.random.default_rng(0)
+    vocab = "the a river stone light ran under seven green fields and north of paper".split()
+    for name, n in (("book.txt", 4000), ("other.txt", 600)):
+        text = "\n\n".join(" ".join(rng.choice(vocab, 60)) + "." for _ in range(n // 60))
+        (tmp_path / name).write_text(text)
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache)}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, "train.py", "--size", "tiny", "--data", str(tmp_path / "book.txt"),
+                             "--val-data", str(tmp_path / "other.txt"), "--steps", "5", "--batch-size", "4",
+                             "--seq-len", "64", "--eval-tokens", "256", "--out", "runs/text",
+                             "--set", "gen_combine=sum", "--set", "gen_knots=8"],
+                            cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    log = read_log(clone / "runs" / "text")
+    assert log[-1]["step"] == 5 and log[-1]["val_loss"] < log[0]["train_loss"]
+    assert set(log[-1]["documents"]) == {"text"}  # one file, one document (read again each epoch)
+    params, cfg, meta = lv.load_params(str(clone / "runs" / "text" / "params.npz"))
+    assert meta == {"step": 5, "tokenizer": "o200k_base"} and cfg.steps == 5
+    config = json.loads((clone / "runs" / "text" / "config.json").read_text())
+    assert config["set"] == {"gen_combine": "sum", "gen_knots": 8} == {k: config["config"][k] for k in config["set"]}
 
 
 # --- end to end: train.py --size tiny on ../shared/minipile ------------------------------------------
@@ -1041,6 +1364,7 @@ def test_end_to_end_tiny_run_on_minipile(reference):
     assert [r["step"] for r in evals] == [4, 8] and evals[1]["val_loss"] < evals[0]["val_loss"]
     for r in evals:
         assert sum(r["val_bucket_tokens"]) == 512 and len(r["val_bucket_loss"]) == 5
+        assert sum(r["val_input_bucket_tokens"]) == 512 and len(r["val_input_bucket_loss"]) == 5
         weighted = sum(n * x for n, x in zip(r["val_bucket_tokens"], r["val_bucket_loss"]) if n) / 512
         assert weighted == pytest.approx(r["val_loss"], rel=1e-9)
         assert 0 < r["val_bpb"] < r["val_loss"] / np.log(2)  # more than one byte per token
@@ -1147,8 +1471,9 @@ def bucket_losses(val_loss, rare_bonus=0.0):
 
 
 def write_run(root, name, model, size, n_params, *, seed=0, n_effective=None, beta=BETA,
-              eval_every=2, diverge_at=None, resumed=False):
-    """A run folder whose final val loss is the dense law at n_effective (default n_params)."""
+              eval_every=2, diverge_at=None, resumed=False, input_buckets=False):
+    """A run folder whose final val loss is the dense law at n_effective (default n_params); with
+    input_buckets its evals also log the input-token buckets (val_input_bucket_loss/_tokens)."""
     run = Path(root) / name
     run.mkdir(parents=True)
     config = {"size": size, "model": model, "seed": seed, "n_params": n_params, "n_params_dense_twin": n_params,
@@ -1163,6 +1488,9 @@ def write_run(root, name, model, size, n_params, *, seed=0, n_effective=None, be
         if eval_every and step % eval_every == 0:
             record.update(val_loss=loss, val_bpb=loss / math.log(2) / 4, val_bucket_tokens=BUCKET_TOKENS,
                           val_bucket_loss=bucket_losses(loss, 0.3 if model == "leviathan" else 0.0))
+            if input_buckets:
+                record.update(val_input_bucket_tokens=BUCKET_TOKENS,
+                              val_input_bucket_loss=bucket_losses(loss, 0.1 if model == "leviathan" else 0.2))
         lines.append(json.dumps(record))
     if resumed:  # crashed after step 6, resumed from the step-4 checkpoint: steps 5 and 6 logged twice
         stale = [json.dumps({"step": s, "tokens": 1, "train_loss": 99.0}) for s in (5, 6)]
@@ -1171,11 +1499,12 @@ def write_run(root, name, model, size, n_params, *, seed=0, n_effective=None, be
     return run
 
 
-def write_pair(root, size, n_params, multiplier, seed=0, diverge_at=None):
+def write_pair(root, size, n_params, multiplier, seed=0, diverge_at=None, input_buckets=False):
     """A dense run and a Leviathan run that behaves as a dense one `multiplier` times larger."""
-    write_run(root, f"dense_{size}", "dense", size, n_params, seed=seed, diverge_at=diverge_at)
+    write_run(root, f"dense_{size}", "dense", size, n_params, seed=seed, diverge_at=diverge_at,
+              input_buckets=input_buckets)
     write_run(root, f"leviathan_{size}", "leviathan", size, n_params, seed=seed,
-              n_effective=multiplier * n_params, beta=0.6)
+              n_effective=multiplier * n_params, beta=0.6, input_buckets=input_buckets)
 
 
 def run_plot(capsys, *args):
@@ -1236,7 +1565,7 @@ def test_bucket_losses_recombine_to_the_overall_loss(tmp_path):
     run["evals"][-1]["val_bucket_tokens"] = [50, 100, 150, 300, 400]  # weights that no longer fit
     plot.WARNINGS.clear()
     plot.final_buckets(run)
-    assert len(plot.WARNINGS) == 1 and "bucket losses average to" in plot.WARNINGS[0]
+    assert len(plot.WARNINGS) == 1 and "bucket losses by target token average to" in plot.WARNINGS[0]
 
 
 def test_resumed_log_keeps_the_last_line_of_each_step(tmp_path):
@@ -1328,6 +1657,115 @@ def test_empty_or_invalid_folder_exits_1(tmp_path, capsys):
     assert err.splitlines()[-1].startswith("error: found no readable run folder")
 
 
+def figures(path, b=FLOOR):
+    """plot.py's four figures (None where one is not drawn) for the runs under `path`."""
+    runs, pairs, laws = plot.analyse([path], b)
+    return {"loss_curves": plot.loss_curves_figure(pairs), "scaling": plot.scaling_figure(runs, laws),
+            "data_scaling": plot.data_scaling_figure(pairs), "rare_tokens": plot.rare_tokens_figure(pairs)}
+
+
+def points_under_legends(fig):
+    """Display positions of drawn data (line vertices, scatter points, bar tops) that a legend covers."""
+    fig.canvas.draw()
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    boxes = [legend.get_window_extent() for legend in legends]
+    covered = []
+    for ax in fig.axes:
+        xys = [line.get_transform().transform(line.get_xydata()) for line in ax.lines]
+        xys += [points.get_offset_transform().transform(points.get_offsets()) for points in ax.collections]
+        xys += [ax.transData.transform([(bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height())
+                                        for bar in bars]) for bars in ax.containers]
+        visible = ax.get_window_extent()
+        covered += [tuple(p) for xy in xys for p in xy
+                    if visible.contains(*p) and any(box.contains(*p) for box in boxes)]
+    return covered
+
+
+@pytest.mark.parametrize("scene", ["pair like results/tiny-minipile", "ladder with input buckets"])
+def test_legends_cover_no_data_points(tmp_path, scene):
+    if scene.startswith("pair"):  # one dense point, at the largest N and the highest loss: upper right
+        write_run(tmp_path, "dense", "dense", "tiny", 2_000_000)
+        write_run(tmp_path, "leviathan", "leviathan", "tiny", 1_000_000, n_effective=8_000_000)
+    else:
+        for size, k in {"10M": 1.5, "20M": 1.7, "40M": 1.9}.items():
+            write_pair(tmp_path, size, int(size[:-1]) * 1_000_000, k, input_buckets=True)
+    drawn = figures(tmp_path)
+    assert all(drawn.values()) and len(drawn["scaling"].axes[0].collections[0].get_offsets()) >= 1  # dense
+    for name, fig in drawn.items():
+        assert points_under_legends(fig) == [], name
+        assert fig.legends or any(ax.get_legend() for ax in fig.axes), name
+        plot.plt.close(fig)
+
+
+def test_data_scaling_draws_a_fit_line_per_fitted_run_and_titles_only_what_is_drawn(tmp_path):
+    write_pair(tmp_path / "runs", "1M", 1_000_000, 2.0)
+    write_run(tmp_path / "runs", "leviathan_1M_s1", "leviathan", "1M", 1_000_000, seed=1, eval_every=5)
+    fig = figures(tmp_path / "runs")["data_scaling"]
+    ax = fig.axes[0]
+    assert {line.get_gid() for line in ax.lines} == {"L(D) fit: dense_1M", "L(D) fit: leviathan_1M"}
+    assert "L(D) = B D^-beta + b" in ax.get_title()
+    assert any(label.endswith(": no fit") for label in ax.get_legend_handles_labels()[1])
+    write_run(tmp_path / "few", "dense", "dense", "1M", 1_000_000, eval_every=5)  # 2 evals: no fit
+    ax = figures(tmp_path / "few")["data_scaling"].axes[0]
+    assert len(ax.lines) == 0 and "L(D)" not in ax.get_title()
+    plot.plt.close("all")
+
+
+def test_each_warning_is_printed_once_and_kept_in_summary_md(tmp_path, capsys):
+    write_pair(tmp_path, "1M", 1_000_000, 2.0, diverge_at=6)
+    write_run(tmp_path, "dense_1M_s1", "dense", "1M", 1_000_000, seed=1, eval_every=0)
+    write_run(tmp_path, "leviathan_1M_s1", "leviathan", "1M", 1_000_000, seed=1, eval_every=5)
+    code, out, err = run_plot(capsys, tmp_path)
+    assert code == 0
+    warnings = [line.removeprefix("warning: ") for line in err.splitlines()]
+    assert len(warnings) >= 4 and all(line.startswith("warning: ") for line in err.splitlines())
+    for message in warnings:
+        assert (out + err).count(message) == 1, message
+    assert "note:" not in out
+    summary = (tmp_path / "plots" / "summary.md").read_text()
+    assert all(f"- note: {message}\n" in summary for message in warnings)
+
+
+def test_bucket_panels_fit_their_data_and_show_the_input_view_when_logged(tmp_path, capsys):
+    write_pair(tmp_path / "new", "1M", 1_000_000, 2.0, input_buckets=True)
+    fig = figures(tmp_path / "new")["rare_tokens"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 4 and sum("By target token" in t for t in titles) == 2
+    assert sum("By input token" in t for t in titles) == 2
+    for ax in fig.axes:
+        if "loss per frequency bucket" in ax.get_title():  # losses near 5-8 nats: no axis from 0
+            heights = [bar.get_height() for bars in ax.containers for bar in bars]
+            low, high = ax.get_ylim()
+            assert 0 < low < min(heights) and max(heights) < high < 1.2 * max(heights)
+    plot.plt.close(fig)
+    write_pair(tmp_path / "old", "1M", 1_000_000, 2.0)  # logs from before the input buckets
+    capsys.readouterr()
+    fig = figures(tmp_path / "old")["rare_tokens"]
+    assert len(fig.axes) == 2 and not any("input token" in ax.get_title() for ax in fig.axes)
+    assert "no input-token buckets" in fig.get_suptitle()
+    assert "input" not in capsys.readouterr().err
+    plot.plt.close(fig)
+    write_pair(tmp_path / "old", "4M", 4_000_000, 2.0, input_buckets=True)  # a mix: one warning
+    fig = figures(tmp_path / "old")["rare_tokens"]
+    assert len(fig.axes) == 4
+    assert len([line for line in capsys.readouterr().err.splitlines() if "input" in line]) == 1
+    plot.plt.close(fig)
+    code, out, err = run_plot(capsys, tmp_path / "new")
+    assert code == 0 and "dense minus Leviathan per input token bucket" in out
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc", "inf", "nan"])
+def test_b_must_be_a_finite_number_at_least_0(tmp_path, capsys, bad):
+    write_pair(tmp_path, "1M", 1_000_000, 2.0)
+    with pytest.raises(SystemExit) as stopped:
+        plot.main([str(tmp_path), "--b", bad])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: argument --b: it must be a finite number >= 0 "
+                                                    f"(the fits' loss floor in nats/token), not '{bad}'")
+    assert run_plot(capsys, tmp_path, "--b", "0")[0] == 0
+
+
 @pytest.mark.slow
 def test_command_line_runs_headless_without_jax(tmp_path):
     write_pair(tmp_path / "runs", "1M", 1_000_000, 2.0)
@@ -1361,6 +1799,22 @@ def test_bench_times_both_models_and_the_loader(capsys):
     loader = bench.main(["--loader", "--seconds", "1", "--seq-len", "64", "--batch-size", "8", "--data",
                          f"{MINIPILE}/val.jsonl.zst"])
     assert loader["tokens_per_s"] > 0 and loader["batches"] >= 1
+
+
+def test_bench_numeric_flags_refuse_zero_negative_and_non_numbers(capsys):
+    import bench
+
+    numeric = [a.option_strings[0] for a in bench.make_parser()._actions if a.type is not None]
+    assert sorted(numeric) == ["--batch-size", "--micro-batch", "--seconds", "--seq-len", "--steps", "--threads"]
+    for flag in numeric:
+        for value in ("0", "-1", "many")[flag == "--micro-batch":]:  # --micro-batch 0: the whole batch
+            with pytest.raises(SystemExit) as exit_:
+                bench.main([flag, value])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: must be" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--batch-size", "8", "--micro-batch", "3"])
+    assert "--micro-batch 3 does not divide --batch-size 8" in capsys.readouterr().err
 
 
 @pytest.mark.slow

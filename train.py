@@ -3,12 +3,14 @@
     python train.py --size 60M                  # GPU: streams the uncopyrighted Pile over HTTP
     python train.py --size 60M --model dense    # its matched dense twin, on the identical tokens
     python train.py --size 60M --resume         # continue a stopped run exactly where it stopped
-    python train.py --size tiny --data ../shared/minipile/00.jsonl.zst ../shared/minipile/01.jsonl.zst \\
-        --val-data ../shared/minipile/val.jsonl.zst --steps 200 --batch-size 16 --seq-len 128 \\
-        --eval-every 25 --eval-tokens 16384                                  # CPU, ~15 minutes
+    python train.py --size tiny --steps 200 --batch-size 16 --seq-len 128 --eval-every 25 \
+        --eval-tokens 16384                        # the CPU tier: streams only the Pile's first megabytes
+    python train.py --size tiny --data book.txt --val-data other.txt --steps 200 --batch-size 16 \
+        --seq-len 128 --eval-every 25 --eval-tokens 16384       # offline: any text (a file is a document)
 
 A run folder (--out, default runs/<size>-<model>) holds config.json, log.jsonl (one JSON object per
-logged step, read by plot.py) and ckpt.npz (the last good checkpoint). The data pipeline is in
+logged step, read by plot.py), ckpt.npz (the last good checkpoint, to resume) and params.npz (its
+parameters alone, for sampling: lv.load_params). The data pipeline is in
 data.py, the model and its jitted step in leviathan.py. This file reads top to bottom:
 
   1. Command line
@@ -49,55 +51,95 @@ class Interrupted(UserError):
     code = 130
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one sentence instead of argparse's usage block
-        print(f"error: {message}; see python train.py --help.", file=sys.stderr)
-        sys.exit(2)
+class BadFlag(UserError):
+    code = 2  # as argparse: a flag or a combination of flags that cannot work
 
 
 def count(text):
-    """A count written 2000000, 2e6 or 2M (suffixes k, M, B, T)."""
+    """A count of 1 or more written 2000000, 2e6 or 2M (suffixes k, M, B, T)."""
     scale = {"k": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(text[-1:], 1)
     try:
-        return int(float(text[:-1] if scale != 1 else text) * scale)
+        value = float(text[:-1] if scale != 1 else text) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count like 2000000, 2e6 or 2M") from None
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"must be a count of 1 or more like 2000000, 2e6 or 2M, not {text!r}")
+    return int(value)
 
 
-def parse_args(argv=None):
-    p = OneLineParser(description="Train Leviathan or its dense twin on streamed Pile shards.",
+whole, positive = data.whole, data.positive  # whole(low): an int >= low; positive: a float > 0
+
+# Config fields that have their own flag (or come from one), so --set does not take them
+FLAG_FIELDS = {"model": "--model", "vocab_size": "--tokenizer", "seq_len": "--seq-len", "batch_size": "--batch-size",
+               "micro_batch": "--micro-batch", "steps": "--steps", "warmup_steps": "--warmup", "lr": "--lr",
+               "dtype": "--dtype", "attention": "--attention"}
+
+
+def config_setting(text):
+    """--set FIELD=VALUE -> (field, value), the value parsed by the Config field's type."""
+    types = {f.name: f.type for f in dataclasses.fields(lv.Config) if f.name not in FLAG_FIELDS}
+    valid = f"the fields --set takes are {', '.join(types)}"
+    name, equals, value = text.partition("=")
+    if name in FLAG_FIELDS:
+        raise argparse.ArgumentTypeError(f"{name} has its own flag, {FLAG_FIELDS[name]}; use that")
+    if not equals or name not in types:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a Config field; {valid}")
+    kind = types[name]
+    try:
+        return name, ({"true": True, "false": False}[value.lower()] if kind is bool else kind(value))
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{name}={value!r}: {name} takes {kind.__name__} values; {valid}") from None
+
+
+def parser():
+    p = data.OneLineParser(description="Train Leviathan or its dense twin on streamed Pile shards.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--size", default="60M", choices=list(lv.SIZES), help="model preset")
     add("--model", default="leviathan", choices=lv.MODELS, help="Leviathan or its dense twin")
-    add("--data", nargs="+", help=".jsonl.zst/.jsonl files, globs, folders or http(s) URLs "
-        "(default: the 30 train shards of the uncopyrighted Pile)")
-    add("--val-data", nargs="+", help="validation shards (default: the Pile's val.jsonl.zst)")
+    add("--data", nargs="+", help="Pile-style .jsonl.zst/.jsonl shards, plain-text .txt/.md files (a file "
+        "is one document), folders of them, globs or http(s) URLs (default: the uncopyrighted Pile)")
+    add("--val-data", nargs="+", help="validation data, as --data (default: the Pile's val.jsonl.zst)")
     add("--tokenizer", default="o200k_base", help="a tiktoken encoding, or 'bytes'")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help=f"optimizer steps (default: {TOKENS_PER_PARAM} "
+    length.add_argument("--steps", type=whole(1), help=f"optimizer steps (default: {TOKENS_PER_PARAM} "
                         "tokens per parameter of the dense twin)")
     length.add_argument("--tokens", type=count, help="training tokens instead of --steps, e.g. 2B")
-    add("--stop-after", type=int, help="stop after this step, checkpointed; --resume goes on")
-    add("--batch-size", type=int, default=lv.Config.batch_size, help="sequences per optimizer step")
-    add("--seq-len", type=int, default=lv.Config.seq_len, help="tokens per sequence")
-    add("--micro-batch", type=int, help=f"sequences per pass, all devices together (default: about "
+    add("--stop-after", type=whole(1), help="stop after this step, checkpointed; --resume goes on")
+    add("--batch-size", type=whole(1), default=lv.Config.batch_size, help="sequences per optimizer step")
+    add("--seq-len", type=whole(1), default=lv.Config.seq_len, help="tokens per sequence")
+    add("--micro-batch", type=whole(1), help=f"sequences per pass, all devices together (default: about "
         f"{MICRO_TOKENS} tokens per device); gradients accumulate over the batch")
-    add("--lr", type=float, help="peak learning rate (default: the size's)")
-    add("--warmup", type=int, help=f"warmup steps (default: {WARMUP_FRACTION * 100:g}%% of the steps)")
-    add("--seed", type=int, default=0, help="seeds the model and the data order")
-    add("--eval-every", type=int, default=500, help="steps between evaluations, 0: at the end only")
-    add("--eval-tokens", type=count, default=2_000_000, help="validation tokens")
-    add("--log-every", type=int, default=10, help="steps between log lines")
-    add("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    add("--lr", type=positive, help="peak learning rate (default: the size's)")
+    add("--warmup", type=whole(0), help=f"warmup steps (default: {WARMUP_FRACTION * 100:g}%% of the steps)")
+    add("--seed", type=whole(0), default=0, help="seeds the model and the data order")
+    add("--eval-every", type=whole(0), default=500, help="steps between evaluations, 0: at the end only")
+    add("--eval-tokens", type=count, default=2_000_000, help="validation tokens, one sequence or more")
+    add("--log-every", type=whole(1), default=10, help="steps between log lines")
+    add("--ckpt-every", type=whole(1), default=1000, help="steps between checkpoints")
     add("--out", help="run folder (default: runs/<size>-<model>)")
     add("--resume", action="store_true", help="continue from <out>/ckpt.npz")
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     add("--attention", choices=lv.ATTENTION, help="attention kernel (cudnn: NVIDIA's fused kernel)")
-    add("--shuffle-buffer", type=int, default=data.SHUFFLE_BUFFER, help="sequences shuffled")
-    add("--loader-threads", type=int, default=max(1, min(8, (os.cpu_count() or 1) - 2)),
+    add("--set", type=config_setting, action="append", default=[], metavar="FIELD=VALUE",
+        help="any other Config field, e.g. --set gen_knots=8 --set embed_norm=rms (repeatable)")
+    add("--shuffle-buffer", type=whole(0), default=data.SHUFFLE_BUFFER, help="sequences shuffled, 0: none")
+    add("--loader-threads", type=whole(1), default=max(1, min(8, (os.cpu_count() or 1) - 2)),
         help="tokenizer threads")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, every number checked against its range and the others before any work."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.micro_batch is not None and args.micro_batch > args.batch_size:
+        p.error(f"--micro-batch {args.micro_batch} is larger than --batch-size {args.batch_size}; "
+                "give a micro-batch that divides the batch")
+    if args.eval_tokens < args.seq_len:
+        p.error(f"--eval-tokens {args.eval_tokens} is less than one sequence (--seq-len {args.seq_len}); "
+                "give at least that many")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,18 +159,20 @@ def build_config(args, enc, n_devices):
     """(model Config of a command line, dense twin's parameter count). Steps default to
     TOKENS_PER_PARAM tokens per parameter of the dense twin."""
     B, T, vocab = args.batch_size, args.seq_len, lv.padded_vocab(enc)
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UserError(f"--stop-after {args.stop_after} is not a step; give a step of 1 or more")
     micro = args.micro_batch or default_micro_batch(B, T, n_devices)
     if B % micro or micro % n_devices:
-        raise UserError(f"--batch-size {B} does not split into micro-batches of {micro}, a multiple of the "
+        raise BadFlag(f"--batch-size {B} does not split into micro-batches of {micro}, a multiple of the "
                         f"{n_devices} device(s); change --batch-size or --micro-batch")
-    dense_params = lv.count_params(lv.param_shapes(lv.config(args.size, "dense", vocab_size=vocab,
-                                                             seq_len=T)))
+    settings = dict(args.set)  # --set FIELD=VALUE
+    try:
+        dense_params = lv.count_params(lv.param_shapes(lv.config(args.size, "dense", vocab_size=vocab, seq_len=T,
+                                                                 **settings)))
+    except ValueError as e:
+        raise BadFlag(f"--set: {e}") from None
     steps = args.steps or math.ceil((args.tokens or TOKENS_PER_PARAM * dense_params) / (B * T))
     warmup = args.warmup if args.warmup is not None else round(WARMUP_FRACTION * steps)
     overrides = dict(vocab_size=vocab, seq_len=T, batch_size=B, micro_batch=micro, steps=steps,
-                     warmup_steps=warmup)
+                     warmup_steps=warmup, **settings)
     given = {"lr": args.lr, "dtype": args.dtype, "attention": args.attention}
     overrides.update({key: value for key, value in given.items() if value is not None})
     return lv.config(args.size, args.model, **overrides), dense_params
@@ -169,7 +213,8 @@ class Run:
     started: float = None  # time.perf_counter() when training started
     clock: tuple = None  # (time, step) of the last log line: tokens/s are measured since then
 
-    ckpt = property(lambda self: os.path.join(self.out, "ckpt.npz"))
+    ckpt = property(lambda self: os.path.join(self.out, "ckpt.npz"))  # to resume: state and data position
+    params = property(lambda self: os.path.join(self.out, "params.npz"))  # lv.load_params: to sample
     log = property(lambda self: os.path.join(self.out, "log.jsonl"))
 
 
@@ -227,6 +272,7 @@ def write_config(run, args, enc, settings, dense_params):
               "val_tokens": run.val["tokens"], "val_bytes": run.val["bytes"], "eot_token": enc.eot_token,
               "eval_every": args.eval_every, "log_every": args.log_every, "ckpt_every": args.ckpt_every,
               "n_devices": run.mesh.size, "device_kind": jax.devices()[0].device_kind, "command": sys.argv,
+              "set": dict(args.set),
               **settings}
     os.makedirs(run.out, exist_ok=True)
     write_atomically(os.path.join(run.out, "config.json"), json.dumps(config, indent=1).encode())
@@ -242,11 +288,13 @@ def write_config(run, args, enc, settings, dense_params):
 
 
 def evaluate(eval_step, params, val, counts, mesh):
-    """Loss on the fixed validation batches, bucketed by the training token counts so far."""
+    """Loss on the fixed validation batches, bucketed by the training token counts so far, by target
+    token and by input token."""
     outputs = [eval_step(params, lv.shard_batch(batch, mesh)) for batch in val["batches"]]  # (rows, T)
     losses = np.concatenate([np.asarray(out) for out in outputs])
     targets = np.concatenate([batch["targets"] for batch in val["batches"]])
-    return data.loss_summary(losses, targets, data.frequency_buckets(counts), val["bytes"])
+    inputs = np.concatenate([batch["ids"][batch["inverse"]] for batch in val["batches"]])  # (rows, T)
+    return data.loss_summary(losses, targets, data.frequency_buckets(counts), val["bytes"], inputs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,8 +447,9 @@ def on_step(run, step, metrics, state, info):
         if not bool(all_finite(state)):
             raise UserError(f"the state after step {step} is not finite, so it was not saved; {kept(run)}")
         save_checkpoint(run.ckpt, state, data_state, {"step": step, "run": run.settings})
+        lv.save_params(run.params, state["params"], run.cfg, step=step, tokenizer=run.settings["tokenizer"])
         run.last_saved = step
-        print(f"checkpoint: step {step} -> {run.ckpt}", flush=True)
+        print(f"checkpoint: step {step} -> {run.ckpt} (parameters alone: {run.params})", flush=True)
     if "stop" in todo:
         raise Interrupted(f"stopped by signal {run.signal} after step {step}, " + (
             "the last: the run is complete and saved" if step == run.cfg.steps else

@@ -1,0 +1,83 @@
+"""Print what a trained model writes.
+
+    python sample.py runs/tiny-leviathan --prompt "The" --tokens 20 --seed 0
+    python sample.py runs/tiny-dense --prompt "The" --tokens 100 --temperature 0.8 --top-k 50
+
+RUN_DIR is a run folder of train.py: it reads params.npz (the parameters alone, with the Config and
+the tokenizer's name), written beside every checkpoint. The same seed gives the same text.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+import data  # first: it points tiktoken at ../shared/tiktoken for offline use
+import jax
+import leviathan as lv
+from data import UserError
+
+
+def temperature(text):
+    """An argparse type: a finite number of 0 or more (0: always the most likely token)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, not {text!r}")
+    return value
+
+
+def parse_args(argv=None):
+    p = data.OneLineParser(prog="sample.py", description="Print what a trained run writes.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", metavar="RUN_DIR", help="a run folder of train.py (it holds params.npz)")
+    p.add_argument("--prompt", default="The", help="the text to continue ('': start a new document)")
+    p.add_argument("--tokens", type=data.whole(1), default=100, help="tokens to write")
+    p.add_argument("--temperature", type=temperature, default=1.0, help="0: greedy, higher: more random")
+    p.add_argument("--top-k", type=data.whole(0), default=200, help="draw from the k most likely (0: all)")
+    p.add_argument("--seed", type=data.whole(0), default=0, help="the same seed gives the same text")
+    return p.parse_args(argv)
+
+
+def load_run(run_dir):
+    """(params, cfg, tokenizer) of a run folder's params.npz."""
+    path = os.path.join(run_dir, "params.npz")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} holds no params.npz; give a run folder of train.py, which writes it "
+                        "with every checkpoint")
+    try:
+        params, cfg, meta = lv.load_params(path)
+    except Exception as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}); train the run again") from None
+    return params, cfg, data.tokenizer(meta["tokenizer"])
+
+
+def encode_prompt(enc, prompt):
+    """The prompt's token ids; an empty prompt starts a new document (the end-of-text token)."""
+    try:
+        ids = enc.encode(prompt)
+    except ValueError as e:  # a special token written as text, or text that is not valid Unicode
+        reason = str(e).split(".")[0].replace("\n", " ")
+        raise UserError(f"the {enc.name} tokenizer cannot encode the prompt ({reason}); change the prompt") from None
+    return np.array(ids or [enc.eot_token], np.int32)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        params, cfg, enc = load_run(args.run)
+        prompt = encode_prompt(enc, args.prompt)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    new = lv.sample(params, cfg, prompt, args.tokens, jax.random.key(args.seed), args.temperature,
+                    top_k=min(args.top_k, cfg.vocab_size), n_valid=enc.n_vocab)
+    print(args.prompt + enc.decode(np.asarray(new).tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
