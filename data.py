@@ -340,10 +340,15 @@ class BatchStream:
     """
 
     def __init__(self, sources, enc, seq_len, batch_size, seed=0, shuffle_buffer=SHUFFLE_BUFFER,
-                 vocab_size=None, loop=True, threads=1):
+                 vocab_size=None, loop=True, threads=1, share=(0, 1)):
         self.sources, self.enc, self.seq_len, self.batch_size = list(sources), enc, seq_len, batch_size
         self.shuffle_size, self.loop, self.threads = shuffle_buffer, loop, threads
-        self.rng = np.random.default_rng(seed)
+        # share (p, n): read only part p of n of the data (a process of n): shards p::n, or when there
+        # are fewer shards than parts, records p::n of every shard; with its own seeded shuffle
+        p, n = share
+        self.stride = None if n == 1 or len(self.sources) >= n else (p, n)
+        self.sources = self.sources if self.stride or n == 1 else self.sources[p::n]
+        self.rng = np.random.default_rng(seed if n == 1 else [seed, p])
         self.epoch = self.shard = self.line = self.offset = 0  # where the next unread record is
         self.pending = np.zeros(0, np.int32)  # tokens read but not yet packed into a sequence
         self.buffer = []  # the shuffle buffer: (seq_len+1,) int32 arrays, never changed in place
@@ -374,6 +379,8 @@ class BatchStream:
                 continue
             record, self.offset = item
             self.line += 1
+            if self.stride and (self.line - 1) % self.stride[1] != self.stride[0]:  # another part's record
+                continue
             if text := (self._text(record) if is_text(source) else self._parse(record)):
                 texts.append(text)
                 chars += len(text)
@@ -471,6 +478,51 @@ class BatchStream:
         self.counts = np.array(state["counts"], np.int64)
 
 
+class SharedStream:
+    """The global batch stream of a run over n processes: rows [p B/n, (p+1) B/n) of every batch come
+    from the BatchStream of share p (`BatchStream(share=(p, n))`). A process reads its own shares
+    (`local`) and `exchange(batch_index, {share: rows})` returns every share's rows (through the
+    processes' key-value store in train.py; the identity when one process reads all n shares, which
+    gives the same batches). The global batch, its data_hash and the token counts are the same on
+    every process, and depend on the data, tokenizer, seed, batch shape and n, never on the model."""
+
+    def __init__(self, sources, enc, seq_len, batch_size, n, local, exchange=None, seed=0,
+                 shuffle_buffer=SHUFFLE_BUFFER, vocab_size=None, threads=1):
+        if batch_size % n:
+            raise UserError(f"--batch-size {batch_size} does not split into {n} equal shares, one per process; "
+                            f"give a multiple of {n}")
+        self.n, self.exchange = n, exchange or (lambda i, rows: rows)
+        self.shares = {p: BatchStream(sources, enc, seq_len, batch_size // n, seed, shuffle_buffer, vocab_size,
+                                      threads=threads, share=(p, n)) for p in local}
+        self.batches, self.data_hash = 0, "0" * 32  # as BatchStream's, over the global batches
+        self.counts = np.zeros(vocab_size or enc.n_vocab, np.int64)
+
+    def next_batch(self):
+        """The next global batch (batch_size, seq_len+1) int32."""
+        rows = self.exchange(self.batches, {p: stream.next_batch() for p, stream in self.shares.items()})
+        tokens = np.concatenate([rows[p] for p in range(self.n)])
+        self.batches += 1
+        self.data_hash = chain_hash(self.data_hash, tokens)
+        self.counts += np.bincount(tokens[:, 1:].ravel(), minlength=len(self.counts))
+        return tokens
+
+    def state(self):
+        """The global position, and each local share's BatchStream state under "shares"."""
+        local = [stream.state() for stream in self.shares.values()]
+        documents = {}
+        for s in local:
+            documents.update({k: documents.get(k, 0) + v for k, v in s["documents"].items()})
+        return {"epoch": max(s["epoch"] for s in local), "batches": self.batches, "data_hash": self.data_hash,
+                "bad_lines": sum(s["bad_lines"] for s in local), "documents": documents,
+                "counts": self.counts.copy(), "shares": dict(zip(self.shares, local))}
+
+    def load_state(self, state):
+        self.batches, self.data_hash = state["batches"], state["data_hash"]
+        self.counts = np.array(state["counts"], np.int64)
+        for p, stream in self.shares.items():
+            stream.load_state(state["shares"][p])
+
+
 def token_sequences(sources, enc, seq_len):
     """Packed sequences (seq_len+1,) int32 of shards (paths or URLs) in reading order, once through."""
     stream = BatchStream(sources, enc, seq_len, batch_size=1, shuffle_buffer=0, loop=False)
@@ -498,7 +550,8 @@ class Loader:
 
     def __init__(self, stream, n_devices=1, depth=8):
         self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
-        threading.Thread(target=self._run, args=(stream, n_devices), daemon=True).start()
+        self.thread = threading.Thread(target=self._run, args=(stream, n_devices), daemon=True)
+        self.thread.start()
 
     def _run(self, stream, n_devices):
         try:
@@ -524,6 +577,7 @@ class Loader:
 
     def close(self):
         self.stop.set()
+        self.thread.join(timeout=10)  # not left inside a call that the interpreter's exit would cut
 
 
 # ------------------------------------------------------------------------------------------------

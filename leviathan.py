@@ -556,10 +556,13 @@ def make_optimizer(cfg):
 
 def init_state(key, cfg, mesh=None):
     """Train state {"params", "opt_state", "step"}; replicated over the mesh if one is given."""
-    params = jax.jit(init_params, static_argnums=1)(key, cfg)
-    state = {"params": params, "opt_state": make_optimizer(cfg).init(params),
-             "step": jnp.zeros((), jnp.int32)}
-    return jax.device_put(state, NamedSharding(mesh, P())) if mesh is not None else state
+    def init(key):
+        params = init_params(key, cfg)
+        return {"params": params, "opt_state": make_optimizer(cfg).init(params), "step": jnp.zeros((), jnp.int32)}
+
+    if mesh is None:
+        return jax.jit(init)(key)
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)  # every process: the same values
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,12 +682,12 @@ def make_train_step(cfg, mesh=None):
 
 @functools.lru_cache(maxsize=None)
 def make_eval_step(cfg, mesh=None):
-    """Jitted eval(params, batch) -> per-token losses (B, T) in nats."""
+    """Jitted eval(params, batch) -> per-token losses (B, T) in nats, on every device (and process)."""
     fn = functools.partial(token_losses, cfg=cfg)
     if mesh is None:
         return jax.jit(fn)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(fn, in_shardings=(replicated, split), out_shardings=split)
+    return jax.jit(fn, in_shardings=(replicated, split), out_shardings=replicated)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -772,11 +775,21 @@ def make_mesh(devices=None):
     return Mesh(np.array(devices or jax.devices()), ("data",))
 
 
+def put_global(x, sharding):
+    """A host array that every process holds whole -> a global array with `sharding`: each process
+    puts the parts its own devices hold (several processes: `train.py --distributed`)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def shard_batch(batch, mesh=None):
     """Put a host batch on the device(s), split along its first axis over the mesh's "data" axis."""
     if mesh is None:
         return jax.device_put(batch)
-    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+    split = NamedSharding(mesh, P("data"))
+    return jax.tree_util.tree_map(lambda x: put_global(x, split), batch)
 
 
 def flops_per_step(cfg, n_tokens, n_distinct):

@@ -758,6 +758,12 @@ def test_sampling_is_seeded_and_top_k_keeps_to_the_k_most_likely(sampling_model)
             ids.append(int(token))
 
 
+def test_the_demo_ends_with_a_sample_of_what_it_learned(capsys):
+    lv.demo(steps=2, batch_size=2, seq_len=16)
+    out = capsys.readouterr().out
+    assert "what it writes after 2 steps (temperature 0.8, top-k 20):\ndef " in out
+
+
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
     """A run folder holding only params.npz, with the byte tokenizer."""
@@ -1138,9 +1144,9 @@ def test_counts_on_the_command_line():
 def test_every_numeric_flag_refuses_zero_negative_and_non_numbers(capsys):
     """Each numeric flag of train.py with 0, -1 and a word: refused at parse time with exit 2 and one
     sentence naming the flag and its range, or (0 only, where 0 has a meaning) accepted as 0."""
-    zero_means = {"--warmup", "--seed", "--eval-every", "--shuffle-buffer"}  # 0: none / at the end only
+    zero_means = {"--warmup", "--seed", "--eval-every", "--shuffle-buffer", "--process-id"}  # 0: none, or the first
     numeric = [a.option_strings[0] for a in train.parser()._actions if a.type not in (None, train.config_setting)]
-    assert len(numeric) == 15 and zero_means < set(numeric)
+    assert len(numeric) == 19 and zero_means < set(numeric)
     for flag in numeric:
         for value in ("0", "-1", "many"):
             argv = [flag, value] + (["--eval-tokens", "1M"] if flag == "--seq-len" else [])
@@ -1427,6 +1433,93 @@ def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):
     assert [r["step"] for r in read_log(out)] == list(range(1, bad))
 
 RESULTS = os.path.join(HERE, "results", "tiny-minipile")
+# --- several processes: jax.distributed on 127.0.0.1, one CPU device each ----------------------------
+
+DIST = [*RUN[:RUN.index("--steps")], "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--shuffle-buffer",
+        "64", "--eval-every", "3", "--eval-tokens", "512", "--log-every", "1", "--ckpt-every", "2", "--lr", "3e-3"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(out, env, port, extra=(), ids=(0, 1)):
+    flags = ["--out", out, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+             "--peer-timeout", "60", *extra]  # generous: the two may compile at different speeds
+    return [start([*DIST, *flags, "--process-id", str(i)], env) for i in ids]
+
+
+def finish(procs, timeout=300):
+    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
+    return [stdout for stdout, _ in outputs]
+
+
+def printed_hashes(stdout):
+    return re.findall(r"step (\d+)/\d+ .*\| data (\w+) \|", stdout)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_two_devices_and_resume_after_kill_9(tmp_path, env):
+    out = str(tmp_path / "two")
+    stdouts = finish(start_processes(out, env, free_port()))
+    assert len(printed_hashes(stdouts[0])) == 6 and printed_hashes(stdouts[0]) == printed_hashes(stdouts[1])
+    two = read_log(out)
+    assert [r["step"] for r in two] == list(range(1, 7)) and sorted(os.listdir(out)) == [
+        "ckpt.npz", "config.json", "data-6-p0.npz", "data-6-p1.npz", "log.jsonl", "params.npz"]
+
+    one_out = str(tmp_path / "one")  # one process, two devices, reading both shares itself
+    proc = start([*DIST, "--out", one_out, "--data-shares", "2"],
+                 {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    finish([proc])
+    for a, b in zip(read_log(one_out), two, strict=True):
+        assert a["data_hash"] == b["data_hash"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a.get("val_loss") == pytest.approx(b.get("val_loss"), rel=1e-6)
+
+    killed = str(tmp_path / "killed")  # kill -9 both after step 3, then resume both
+    procs = start_processes(killed, env, free_port())
+    wait_for_step(procs[0], killed, 3)
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+    finish(start_processes(killed, env, free_port(), extra=["--resume"]))
+    resumed = read_log(killed)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(resumed, two):
+        assert a["data_hash"] == b["data_hash"] and a["train_loss"] == b["train_loss"]
+        assert a.get("val_loss") == b.get("val_loss")
+
+
+@pytest.mark.slow
+def test_when_one_process_dies_the_other_ends_with_one_sentence(tmp_path, env):
+    out = str(tmp_path / "run")
+    procs = start_processes(out, env, free_port(), extra=["--steps", "400", "--eval-every", "0",
+                                                          "--peer-timeout", "30"])
+    wait_for_step(procs[0], out, 3)  # the checkpoint of step 2 is written before step 3 is logged
+    saved = train.load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["step"]
+    procs[1].kill()
+    t0 = time.time()
+    _, stderr = procs[0].communicate(timeout=120)
+    seconds = time.time() - t0
+    assert procs[0].returncode == 1 and seconds < 60, (seconds, stderr)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "rerun every process with --resume" in errors[0], stderr
+    assert train.load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["step"] >= saved  # a whole checkpoint
+    print(f"the survivor ended {seconds:.1f} s after the kill")
+
+
+@pytest.mark.slow
+def test_an_unreachable_coordinator_is_named_in_one_sentence(tmp_path, env):
+    port = free_port()
+    (proc,) = start_processes(str(tmp_path / "run"), env, port, extra=["--peer-timeout", "3"], ids=(1,))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and f"the coordinator at 127.0.0.1:{port} could not be reached" in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error: ")] == [stderr.strip().splitlines()[-1]]
+    assert not os.path.exists(tmp_path / "run")
+
+
 # The committed CPU-tier runs' first steps must come out the same. 10 keeps CI short (steps 1 and 10
 # are logged); LEVIATHAN_REPRODUCE_STEPS=25 checks the first 25 (steps 1, 10, 20, 25).
 REPRODUCED_STEPS = int(os.environ.get("LEVIATHAN_REPRODUCE_STEPS", "10"))

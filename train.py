@@ -3,6 +3,8 @@
     python train.py --size 60M                  # GPU: streams the uncopyrighted Pile over HTTP
     python train.py --size 60M --model dense    # its matched dense twin, on the identical tokens
     python train.py --size 60M --resume         # continue a stopped run exactly where it stopped
+    python train.py --size 421M --distributed --coordinator 10.0.0.1:29500 --num-processes 2 \
+        --process-id 0                          # one of two machines (README: Many devices)
     python train.py --size tiny --steps 200 --batch-size 16 --seq-len 128 --eval-every 25 \
         --eval-tokens 16384                        # the CPU tier: streams only the Pile's first megabytes
     python train.py --size tiny --data book.txt --val-data other.txt --steps 200 --batch-size 16 \
@@ -14,7 +16,8 @@ parameters alone, for sampling: lv.load_params). The data pipeline is in
 data.py, the model and its jitted step in leviathan.py. This file reads top to bottom:
 
   1. Command line
-  2. The run: config, data and state, checked before anything is compiled
+  2. The run: its processes (one, or several with --distributed), config, data and state, checked
+     before anything is compiled
   3. Evaluation: a fixed token budget, bits per byte, loss by token-frequency bucket
   4. Checkpoints and logs
   5. Training: what happens after each step is decided in one place, `actions`
@@ -22,11 +25,13 @@ data.py, the model and its jitted step in leviathan.py. This file reads top to b
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -126,6 +131,17 @@ def parser():
     add("--shuffle-buffer", type=whole(0), default=data.SHUFFLE_BUFFER, help="sequences shuffled, 0: none")
     add("--loader-threads", type=whole(1), default=max(1, min(8, (os.cpu_count() or 1) - 2)),
         help="tokenizer threads")
+    many = p.add_argument_group("several processes (README: Many devices)")
+    many.add_argument("--distributed", action="store_true", help="this is one process of several "
+                      "(jax.distributed); on by itself when JAX_COORDINATOR_ADDRESS is set")
+    many.add_argument("--coordinator", help="HOST:PORT where process 0 serves (default: $JAX_COORDINATOR_ADDRESS)")
+    many.add_argument("--num-processes", type=whole(1), help="processes in all (default: $JAX_NUM_PROCESSES)")
+    many.add_argument("--process-id", type=whole(0), help="this process, 0 .. n-1 (default: $JAX_PROCESS_ID)")
+    many.add_argument("--data-shares", type=whole(1), help="parts the data is read in, one per process "
+                      "(default: the process count); one process with --data-shares N trains on the "
+                      "batches of an N-process run")
+    many.add_argument("--peer-timeout", type=positive, default=60.0,
+                      help="seconds to wait for the coordinator or another process before ending")
     return p
 
 
@@ -143,8 +159,94 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. The run
+# 2. The run: its processes, config, data and state
 # ------------------------------------------------------------------------------------------------
+
+ROWS_KEPT = 64  # batches whose rows stay in the key-value store (processes stay within a few batches)
+
+
+@dataclasses.dataclass
+class Processes:
+    """This process among the run's processes. With several (jax.distributed), each reads its share
+    of the data and they swap their rows through the coordinator's key-value store, so that every
+    process holds the same global batch; process 0 alone writes the run folder's files."""
+
+    index: int = 0
+    count: int = 1
+    timeout: float = 60.0  # seconds to wait for another process
+    client: object = None  # jax.distributed's key-value store; None for one process
+    closing: threading.Event = dataclasses.field(default_factory=threading.Event)  # the run has ended
+
+    def _get(self, key, q, what):
+        """The value process q put under `key`, polled so that the loader thread can stop when the run
+        ends. After `timeout` seconds, end this process: whatever its other thread waits for (a
+        collective with a process that has died can wait forever)."""
+        deadline = time.monotonic() + self.timeout
+        while not self.closing.is_set():
+            try:
+                return self.client.key_value_try_get_bytes(key)
+            except Exception as e:  # not there yet, or the coordinator has gone
+                if time.monotonic() > deadline or "NOT_FOUND" not in str(e):
+                    leave(f"process {q} sent no {what} within {self.timeout:g} s, so it has stopped or hangs; "
+                          "the last good checkpoint is kept: fix it and rerun every process with --resume", 1)
+            time.sleep(0.002)
+        raise DataError("the run has ended")
+
+    def share_rows(self, i, rows):
+        """SharedStream's exchange: this process's rows of global batch i -> every process's rows."""
+        (mine,) = rows.values()
+        self.client.key_value_set_bytes(f"rows/{i}/{self.index}", mine.tobytes())
+        everyone = {q: np.frombuffer(self._get(f"rows/{i}/{q}", q, "batch"), np.int32).reshape(mine.shape)
+                    for q in range(self.count) if q != self.index}
+        if i >= ROWS_KEPT:
+            self.client.key_value_delete(f"rows/{i - ROWS_KEPT}/{self.index}")
+        return {**everyone, self.index: mine}
+
+    def any(self, key, flag):
+        """True on every process when `flag` is true on any (each process's vote under `key`)."""
+        if self.client is None:
+            return flag
+        self.client.key_value_set(f"{key}/{self.index}", str(int(flag)))
+        return flag or any(self._get(f"{key}/{q}", q, "reply") == b"1" for q in range(self.count) if q != self.index)
+
+    def barrier(self, name):
+        """Wait until every process has reached `name`."""
+        if self.client is not None:
+            self.any(name, True)
+
+
+def start_processes(args):
+    """Processes(): one, or with --distributed (or JAX_COORDINATOR_ADDRESS) jax.distributed.initialize
+    on the coordinator's address; the mesh then spans every device of every process."""
+    env = os.environ.get
+    address = args.coordinator or env("JAX_COORDINATOR_ADDRESS")
+    if not (args.distributed or address):
+        return Processes()
+    try:
+        count = args.num_processes or int(env("JAX_NUM_PROCESSES", 0)) or None
+        index = args.process_id if args.process_id is not None else int(env("JAX_PROCESS_ID", -1))
+    except ValueError:
+        raise BadFlag("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be whole numbers") from None
+    if address is None or count is None or not 0 <= index < count:
+        raise BadFlag("--distributed needs --coordinator HOST:PORT, --num-processes N and a --process-id below N "
+                      "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives between CPU processes
+    # jax.distributed aborts the process with a stack trace when it cannot connect in time: a timer
+    # that ends it first, with one sentence, is set a little earlier than its deadline
+    failed = (f"the coordinator at {address} could not be reached, or not every one of the {count} processes "
+              f"joined, within {args.peer_timeout:g} s; start every process, check the address and its port, or "
+              "raise --peer-timeout")
+    timer = threading.Timer(args.peer_timeout, leave, (failed, 1))
+    timer.start()
+    try:
+        jax.distributed.initialize(address, count, index, initialization_timeout=math.ceil(args.peer_timeout) + 30,
+                                   heartbeat_timeout_seconds=math.ceil(2 * args.peer_timeout))
+    except Exception as e:
+        raise UserError(f"{failed} ({type(e).__name__})") from None
+    finally:
+        timer.cancel()
+    from jax._src import distributed  # the coordination service's key-value store that initialize opened
+    return Processes(index, count, args.peer_timeout, distributed.global_state.client)
 
 
 def default_micro_batch(batch_size, seq_len, n_devices):
@@ -178,11 +280,22 @@ def build_config(args, enc, n_devices):
     return lv.config(args.size, args.model, **overrides), dense_params
 
 
-def make_stream(args, enc, sources):
-    """The training stream of a command line: data, tokenizer, seed and batch shape; not --model."""
-    return data.BatchStream(sources, enc, args.seq_len, args.batch_size, seed=args.seed,
-                            shuffle_buffer=args.shuffle_buffer, vocab_size=lv.padded_vocab(enc),
-                            threads=args.loader_threads)
+def make_stream(args, enc, sources, procs=None):
+    """The training stream of a command line: data, tokenizer, seed, batch shape and data shares (the
+    process count); never --model. One share: a BatchStream; several: a SharedStream, of which each
+    process reads its own share (or one process all of them, with --data-shares)."""
+    procs = procs or Processes()
+    shares = args.data_shares or procs.count
+    common = dict(seed=args.seed, shuffle_buffer=args.shuffle_buffer, vocab_size=lv.padded_vocab(enc),
+                  threads=args.loader_threads)
+    if shares == 1 and procs.count == 1:
+        return data.BatchStream(sources, enc, args.seq_len, args.batch_size, **common)
+    if procs.count > 1 and shares != procs.count:
+        raise BadFlag(f"--data-shares {shares} differs from the {procs.count} processes; leave it out")
+    if procs.count > 1:
+        return data.SharedStream(sources, enc, args.seq_len, args.batch_size, shares, [procs.index],
+                                 procs.share_rows, **common)
+    return data.SharedStream(sources, enc, args.seq_len, args.batch_size, shares, range(shares), **common)
 
 
 def changed_settings(old, new):
@@ -212,15 +325,23 @@ class Run:
     data_failed: bool = False  # the loader met an error: checkpoint what was trained
     started: float = None  # time.perf_counter() when training started
     clock: tuple = None  # (time, step) of the last log line: tokens/s are measured since then
+    procs: Processes = dataclasses.field(default_factory=Processes)
+    stops: dict = dataclasses.field(default_factory=dict)  # step -> whether the processes agreed to stop
 
     ckpt = property(lambda self: os.path.join(self.out, "ckpt.npz"))  # to resume: state and data position
     params = property(lambda self: os.path.join(self.out, "params.npz"))  # lv.load_params: to sample
+    writes = property(lambda self: self.procs.index == 0)  # process 0 alone writes the run folder's files
+
+    def data_file(self, step, index=None):
+        """Where a process's data position at `step` goes when the data is read in shares."""
+        return os.path.join(self.out, f"data-{step}-p{self.procs.index if index is None else index}.npz")
     log = property(lambda self: os.path.join(self.out, "log.jsonl"))
 
 
-def checkpoint_to_resume(args, ckpt, settings, stream):
+def checkpoint_to_resume(args, ckpt, settings, stream, procs):
     """(step, state leaves) of the checkpoint --resume continues, its data position loaded into the
-    stream; (0, None) for a new run. Refuses a run folder that holds a run without --resume."""
+    stream (with shares: from this process's data file beside it); (0, None) for a new run. Refuses a
+    run folder that holds a run without --resume."""
     if not args.resume:
         if os.path.exists(ckpt):
             raise UserError(f"{os.path.dirname(ckpt)} already holds a run ({ckpt}); add --resume to "
@@ -229,9 +350,15 @@ def checkpoint_to_resume(args, ckpt, settings, stream):
     if not os.path.exists(ckpt):
         raise UserError(f"--resume found no checkpoint {ckpt}; run without --resume to start afresh")
     meta, leaves, data_state = load_checkpoint(ckpt)
+    if meta["run"].get("data_shares", 1) != settings.get("data_shares", 1):
+        raise UserError(f"--resume: the checkpoint was made by {meta['run'].get('data_shares', 1)} process(es) "
+                        f"(data shares), this run has {settings.get('data_shares', 1)}; resume with as many")
     if changed := changed_settings(meta["run"], settings):
         raise UserError(f"--resume: {', '.join(changed)} differ from the checkpointed run; rerun with "
                         "its original flags or choose a new --out")
+    if isinstance(stream, data.SharedStream):
+        data_state["shares"] = load_data_file(os.path.join(os.path.dirname(ckpt),
+                                                           f"data-{meta['step']}-p{procs.index}.npz"))
     stream.load_state(data_state)
     return meta["step"], leaves
 
@@ -239,6 +366,7 @@ def checkpoint_to_resume(args, ckpt, settings, stream):
 def setup(args):
     """A Run, checked in an order that fails fast: flags, checkpoint, validation data, first training
     batch; only then the model. Writes config.json, and trims log.jsonl on --resume."""
+    procs = start_processes(args)
     enc = data.tokenizer(args.tokenizer)
     sources = data.resolve_sources(args.data or data.DEFAULT_DATA, "--data")
     val_sources = data.resolve_sources(args.val_data or data.DEFAULT_VAL, "--val-data")
@@ -248,13 +376,15 @@ def setup(args):
     settings = {"config": dataclasses.asdict(cfg), "data": sources, "val_data": val_sources,
                 "tokenizer": enc.name, "seed": args.seed, "shuffle_buffer": args.shuffle_buffer,
                 "eval_tokens": args.eval_tokens}
-    stream = make_stream(args, enc, sources)
-    start, leaves = checkpoint_to_resume(args, os.path.join(out, "ckpt.npz"), settings, stream)
+    stream = make_stream(args, enc, sources, procs)
+    if isinstance(stream, data.SharedStream):
+        settings["data_shares"] = stream.n
+    start, leaves = checkpoint_to_resume(args, os.path.join(out, "ckpt.npz"), settings, stream, procs)
     val = data.load_validation(val_sources, enc, cfg.seq_len, args.eval_tokens, cfg.micro_batch, mesh.size)
     loader = data.Loader(stream, mesh.size)
     every = {"log": args.log_every, "eval": args.eval_every, "checkpoint": args.ckpt_every}
     run = Run(cfg, mesh, out, settings, every, min(args.stop_after or cfg.steps, cfg.steps), start, val, loader,
-              first=next(loader), last_saved=start if args.resume else None)
+              first=next(loader), last_saved=start if args.resume else None, procs=procs)
     run.state = lv.init_state(jax.random.key(args.seed), cfg, mesh)
     if leaves is not None:
         run.state = restore_state(run.state, leaves)
@@ -274,9 +404,11 @@ def write_config(run, args, enc, settings, dense_params):
               "n_devices": run.mesh.size, "device_kind": jax.devices()[0].device_kind, "command": sys.argv,
               "set": dict(args.set),
               **settings}
-    os.makedirs(run.out, exist_ok=True)
-    write_atomically(os.path.join(run.out, "config.json"), json.dumps(config, indent=1).encode())
-    truncate_log(run.log, run.start) if args.resume else open(run.log, "w").close()
+    config["n_processes"] = run.procs.count
+    if run.writes:
+        os.makedirs(run.out, exist_ok=True)
+        write_atomically(os.path.join(run.out, "config.json"), json.dumps(config, indent=1).encode())
+        truncate_log(run.log, run.start) if args.resume else open(run.log, "w").close()
     print(f"{args.model} {args.size}: {config['n_params']:,} parameters, {cfg.steps:,} steps of "
           f"{cfg.batch_size} x {cfg.seq_len} tokens, micro-batch {cfg.micro_batch}, {run.mesh.size} "
           f"device(s), {f'resuming at step {run.start}' if args.resume else 'from scratch'} -> {run.out}")
@@ -311,17 +443,33 @@ def write_atomically(path, contents):
     os.replace(path + ".tmp", path)
 
 
+def stream_arrays(state, prefix):
+    """A stream's state -> (its arrays: <prefix>_counts, and _pending and _buffer for a BatchStream's,
+    the JSON-able rest). A SharedStream's "shares" go to the data files instead."""
+    arrays = {f"{prefix}_counts": state["counts"]}
+    if "buffer" in state:
+        buffer = state["buffer"]
+        arrays.update({f"{prefix}_pending": state["pending"],
+                       f"{prefix}_buffer": np.stack(buffer) if buffer else np.zeros((0, 0), np.int32)})
+    return arrays, {k: v for k, v in state.items() if k not in ("pending", "buffer", "counts", "shares")}
+
+
+def stream_state(f, prefix, rest):
+    """The inverse of stream_arrays, from an open .npz."""
+    state = {**rest, "counts": f[f"{prefix}_counts"]}
+    if f"{prefix}_buffer" in f.files:
+        state.update(pending=f[f"{prefix}_pending"], buffer=list(f[f"{prefix}_buffer"]))
+    return state
+
+
 def save_checkpoint(path, train_state, data_state, meta):
     """One .npz: state_0 ... (the leaves of the train state: params, optimizer state, step, all
-    float32 or int32), data_pending, data_buffer, data_counts, and meta (JSON: step, run settings,
-    data position)."""
+    float32 or int32), data_counts (and data_pending, data_buffer), and meta (JSON: step, run
+    settings, data position)."""
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(train_state))]
     arrays = {f"state_{i}": x for i, x in enumerate(leaves)}
-    buffer = data_state["buffer"]
-    arrays.update(data_pending=data_state["pending"], data_counts=data_state["counts"],
-                  data_buffer=np.stack(buffer) if buffer else np.zeros((0, 0), np.int32))
-    position = {k: v for k, v in data_state.items() if k not in ("pending", "buffer", "counts")}
-    arrays["meta"] = np.array(json.dumps({**meta, "n_leaves": len(leaves), "data": position}))
+    stream, position = stream_arrays(data_state, "data")
+    arrays.update(stream, meta=np.array(json.dumps({**meta, "n_leaves": len(leaves), "data": position})))
     write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
@@ -331,11 +479,48 @@ def load_checkpoint(path):
         with np.load(path) as f:
             meta = json.loads(str(f["meta"]))
             leaves = [f[f"state_{i}"] for i in range(meta["n_leaves"])]
-            data_state = {**meta.pop("data"), "pending": f["data_pending"], "buffer": list(f["data_buffer"]),
-                          "counts": f["data_counts"]}
+            data_state = stream_state(f, "data", meta.pop("data"))
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({e}); restore it or start a new --out") from None
     return meta, leaves, data_state
+
+
+def save_data_file(path, shares):
+    """A process's data position when the data is read in shares: {share: BatchStream state}."""
+    arrays, positions = {}, {}
+    for p, state in shares.items():
+        stream, positions[p] = stream_arrays(state, f"share{p}")
+        arrays.update(stream)
+    write_atomically(path, lambda f: np.savez(f, meta=np.array(json.dumps(positions)), **arrays))
+
+
+def load_data_file(path):
+    try:
+        with np.load(path) as f:
+            return {int(p): stream_state(f, f"share{p}", rest) for p, rest in json.loads(str(f["meta"])).items()}
+    except Exception as e:
+        raise UserError(f"this process's data position {path} cannot be read ({type(e).__name__}); resume with "
+                        "the same processes and an --out every process reads (a shared filesystem)") from None
+
+
+def save_all(run, step, state, data_state):
+    """Checkpoint the state after `step`. With data shares every process first writes its data file
+    of that step, and all wait for each other; then process 0 writes ckpt.npz (which names the step,
+    so an interrupted save leaves the previous checkpoint and its data files whole) and params.npz;
+    then the processes drop their older data files."""
+    if "shares" in data_state:
+        save_data_file(run.data_file(step), data_state["shares"])
+        run.procs.barrier(f"checkpoint/{step}")
+    if run.writes:
+        save_checkpoint(run.ckpt, state, data_state, {"step": step, "run": run.settings})
+        lv.save_params(run.params, state["params"], run.cfg, step=step, tokenizer=run.settings["tokenizer"])
+        print(f"checkpoint: step {step} -> {run.ckpt} (parameters alone: {run.params})", flush=True)
+    if "shares" in data_state:
+        run.procs.barrier(f"saved/{step}")
+        for old in glob.glob(run.data_file("*")):
+            if old != run.data_file(step):
+                os.remove(old)
+    run.last_saved = step
 
 
 def restore_state(fresh, leaves):
@@ -399,9 +584,18 @@ def actions(run, step):
         todo |= {"log", "eval"}
     if step == run.stop_at or step % every["checkpoint"] == 0:
         todo.add("checkpoint")
-    if run.signal is not None:
+    if signalled(run, step):
         todo |= {"checkpoint", "stop"}
     return todo
+
+
+def signalled(run, step):
+    """Whether the run stops after `step` for a signal (Ctrl-C, SIGTERM). Several processes vote once
+    per step through the key-value store, so that a signal to any stops them all at the same step."""
+    if step not in run.stops:
+        run.stops = {s: stop for s, stop in run.stops.items() if s > step - 4}
+        run.stops[step] = run.procs.any(f"stop/{step}", run.signal is not None)
+    return run.stops[step]
 
 
 def log_step(run, step, metrics, state, data_state, n_ids, with_eval):
@@ -420,9 +614,11 @@ def log_step(run, step, metrics, state, data_state, n_ids, with_eval):
         eval_step = lv.make_eval_step(cfg, run.mesh)
         record.update(evaluate(eval_step, state["params"], run.val, data_state["counts"], run.mesh),
                       documents=data_state["documents"])
-    append_log(run.log, record)
+    if run.writes:
+        append_log(run.log, record)
     eta = (now - run.started) / (step - run.start) * (run.stop_at - step)
-    print(console_line(record, cfg.steps, eta), flush=True)
+    where = f"[process {run.procs.index}] " if run.procs.count > 1 else ""
+    print(where + console_line(record, cfg.steps, eta), flush=True)
     run.clock = time.perf_counter(), step  # an evaluation's time does not count as training
 
 
@@ -446,10 +642,7 @@ def on_step(run, step, metrics, state, info):
     if "checkpoint" in todo or run.data_failed:
         if not bool(all_finite(state)):
             raise UserError(f"the state after step {step} is not finite, so it was not saved; {kept(run)}")
-        save_checkpoint(run.ckpt, state, data_state, {"step": step, "run": run.settings})
-        lv.save_params(run.params, state["params"], run.cfg, step=step, tokenizer=run.settings["tokenizer"])
-        run.last_saved = step
-        print(f"checkpoint: step {step} -> {run.ckpt} (parameters alone: {run.params})", flush=True)
+        save_all(run, step, state, data_state)
     if "stop" in todo:
         raise Interrupted(f"stopped by signal {run.signal} after step {step}, " + (
             "the last: the run is complete and saved" if step == run.cfg.steps else
@@ -479,6 +672,7 @@ def train(args):
                       on_step=lambda *a: on_step(run, *a), mesh=run.mesh,
                       wants_state=lambda step: bool(actions(run, step) & NEEDS_STATE))
     finally:
+        run.procs.closing.set()
         run.loader.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -488,13 +682,29 @@ def train(args):
     return 0
 
 
+def leave(message, code):
+    """End a process of a multi-process run at once with one sentence: waiting for the others to
+    shut down (jax.distributed does at exit) could take minutes when one of them has died."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    several = args.distributed or args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     try:
         return train(args)
     except UserError as e:
+        if several:
+            leave(e, e.code)
         print(f"error: {e}", file=sys.stderr)
         return e.code
+    except jax.errors.JaxRuntimeError as e:
+        if not several:
+            raise
+        leave(f"a collective between the processes failed ({str(e).splitlines()[0][:120]}), so one has "
+              "probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
     except KeyboardInterrupt:
         print("error: interrupted before training started; there was nothing to save.", file=sys.stderr)
         return 130
