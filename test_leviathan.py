@@ -1132,6 +1132,8 @@ def test_resume_refuses_other_settings_but_accepts_a_new_lr_or_length():
     assert train.changed_settings(old, longer) == []
     other = {"config": {"lr": 1e-3, "steps": 8, "warmup_steps": 1, "seq_len": 64}, "seed": 1, "data": ["b"]}
     assert train.changed_settings(old, other) == ["seed", "data", "seq_len"]
+    knob = {**old, "config": {**old["config"], "gen_knots": 32, "embed_norm": "rms"}}  # fields added later
+    assert train.changed_settings(old, knob) == ["embed_norm"]  # a missing field counts as its default
 
 
 def test_counts_on_the_command_line():

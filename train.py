@@ -301,8 +301,9 @@ def make_stream(args, enc, sources, procs=None):
 def changed_settings(old, new):
     """The run settings that differ between a checkpoint and this command, ADJUSTABLE aside."""
     changed = [key for key in new if key != "config" and old.get(key) != new[key]]
+    old_config = {**dataclasses.asdict(lv.Config()), **old["config"]}  # a field added since: its default
     return changed + [key for key in new["config"]
-                      if key not in ADJUSTABLE and old["config"].get(key) != new["config"][key]]
+                      if key not in ADJUSTABLE and old_config.get(key) != new["config"][key]]
 
 
 @dataclasses.dataclass
