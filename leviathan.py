@@ -318,14 +318,15 @@ f32_matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
 @functools.lru_cache(maxsize=4)
 def id_permutation(seed, vocab_size):
-    """A fixed random permutation of the ids (the lab's id_permutation_seed): (V,) int32."""
-    return jnp.asarray(np.random.default_rng(seed).permutation(vocab_size).astype(np.int32))
+    """A fixed random permutation of the ids (the lab's id_permutation_seed): (V,) int32, in NumPy
+    (a constant of every program that uses it; a cached jax array could be a tracer of another)."""
+    return np.random.default_rng(seed).permutation(vocab_size).astype(np.int32)
 
 
 def seeds(gen, ids, cfg):
     """Token ids (U,) -> seeds z = C1[i1] + C2[i2] + C3[i3]: (U, d_seed)."""
     if cfg.id_permutation_seed:  # the lab: does the tokenizer's id order matter?
-        ids = id_permutation(cfg.id_permutation_seed, cfg.vocab_size)[ids]
+        ids = jnp.asarray(id_permutation(cfg.id_permutation_seed, cfg.vocab_size))[ids]
     digits = decompose(ids, cfg.base, cfg.n_digits)  # (U, n_digits)
     return gen["codebooks"][jnp.arange(cfg.n_digits), digits].sum(-2)
 

@@ -524,6 +524,16 @@ def test_id_permutation_relabels_the_ids_before_decomposition():
                                   lv.generate_embeddings(gen, perm, plain))
 
 
+def test_id_permutation_survives_a_retrace_for_another_id_bucket():
+    lv.id_permutation.cache_clear()
+    cfg = small_config(id_permutation_seed=5)
+    step = lv.make_train_step(cfg)
+    state = lv.init_state(jax.random.key(0), cfg)
+    for size in (None, 128):  # two distinct-id bucket sizes: the step is traced twice
+        state, metrics = step(state, lv.prepare_batch(random_tokens(size or 0, 4, 16, V_SMALL), size=size))
+        assert np.isfinite(float(metrics["loss"]))
+
+
 def test_embed_norm_makes_the_body_blind_to_the_embeddings_scale():
     cfg = small_config("dense", embed_norm="rms", embed_init_std=0.5)
     params = lv.init_params(jax.random.key(0), cfg)
