@@ -1457,13 +1457,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_processes(out, env, port, extra=(), ids=(0, 1)):
+@pytest.fixture
+def spawned():
+    """The processes a test starts; any still running at its end (a failed test) are killed."""
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start_processes(spawned, out, env, port, extra=(), ids=(0, 1)):
     flags = ["--out", out, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
              "--peer-timeout", "60", *extra]  # generous: the two may compile at different speeds
-    return [start([*DIST, *flags, "--process-id", str(i)], env) for i in ids]
+    procs = [start([*DIST, *flags, "--process-id", str(i)], env) for i in ids]
+    spawned += procs
+    return procs
 
 
-def finish(procs, timeout=300):
+def finish(procs, timeout=900):
     outputs = [proc.communicate(timeout=timeout) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
     return [stdout for stdout, _ in outputs]
@@ -1474,9 +1487,9 @@ def printed_hashes(stdout):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_process_with_two_devices_and_resume_after_kill_9(tmp_path, env):
+def test_two_processes_train_like_one_process_with_two_devices_and_resume_after_kill_9(tmp_path, env, spawned):
     out = str(tmp_path / "two")
-    stdouts = finish(start_processes(out, env, free_port()))
+    stdouts = finish(start_processes(spawned, out, env, free_port()))
     assert len(printed_hashes(stdouts[0])) == 6 and printed_hashes(stdouts[0]) == printed_hashes(stdouts[1])
     two = read_log(out)
     assert [r["step"] for r in two] == list(range(1, 7)) and sorted(os.listdir(out)) == [
@@ -1485,18 +1498,19 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume_after_
     one_out = str(tmp_path / "one")  # one process, two devices, reading both shares itself
     proc = start([*DIST, "--out", one_out, "--data-shares", "2"],
                  {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    spawned.append(proc)
     finish([proc])
     for a, b in zip(read_log(one_out), two, strict=True):
         assert a["data_hash"] == b["data_hash"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a.get("val_loss") == pytest.approx(b.get("val_loss"), rel=1e-6)
 
     killed = str(tmp_path / "killed")  # kill -9 both after step 3, then resume both
-    procs = start_processes(killed, env, free_port())
-    wait_for_step(procs[0], killed, 3)
+    procs = start_processes(spawned, killed, env, free_port())
+    wait_for_step(procs[0], killed, 3, timeout=600)
     for proc in procs:
         proc.kill()
         proc.wait()
-    finish(start_processes(killed, env, free_port(), extra=["--resume"]))
+    finish(start_processes(spawned, killed, env, free_port(), extra=["--resume"]))
     resumed = read_log(killed)
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(resumed, two):
@@ -1505,11 +1519,11 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume_after_
 
 
 @pytest.mark.slow
-def test_when_one_process_dies_the_other_ends_with_one_sentence(tmp_path, env):
+def test_when_one_process_dies_the_other_ends_with_one_sentence(tmp_path, env, spawned):
     out = str(tmp_path / "run")
-    procs = start_processes(out, env, free_port(), extra=["--steps", "400", "--eval-every", "0",
-                                                          "--peer-timeout", "30"])
-    wait_for_step(procs[0], out, 3)  # the checkpoint of step 2 is written before step 3 is logged
+    procs = start_processes(spawned, out, env, free_port(), extra=["--steps", "400", "--eval-every", "0",
+                                                                   "--peer-timeout", "30"])
+    wait_for_step(procs[0], out, 3, timeout=600)  # step 2's checkpoint is written before step 3 is logged
     saved = train.load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["step"]
     procs[1].kill()
     t0 = time.time()
@@ -1523,9 +1537,9 @@ def test_when_one_process_dies_the_other_ends_with_one_sentence(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_an_unreachable_coordinator_is_named_in_one_sentence(tmp_path, env):
+def test_an_unreachable_coordinator_is_named_in_one_sentence(tmp_path, env, spawned):
     port = free_port()
-    (proc,) = start_processes(str(tmp_path / "run"), env, port, extra=["--peer-timeout", "3"], ids=(1,))
+    (proc,) = start_processes(spawned, str(tmp_path / "run"), env, port, extra=["--peer-timeout", "3"], ids=(1,))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1 and f"the coordinator at 127.0.0.1:{port} could not be reached" in stderr
     assert [line for line in stderr.splitlines() if line.startswith("error: ")] == [stderr.strip().splitlines()[-1]]
