@@ -555,9 +555,10 @@ class Loader:
 
     def _run(self, stream, n_devices):
         try:
-            while (item := produce(stream, n_devices)) is not None:
+            while not self.stop.is_set():
+                if (item := produce(stream, n_devices)) is None:
+                    return self._put(DataError("the training data ran out"))
                 self._put(item)
-            self._put(DataError("the training data ran out"))
         except Exception as error:  # handed over to the training loop, which reports it
             self._put(error)
 

@@ -140,8 +140,10 @@ def parser():
     many.add_argument("--data-shares", type=whole(1), help="parts the data is read in, one per process "
                       "(default: the process count); one process with --data-shares N trains on the "
                       "batches of an N-process run")
-    many.add_argument("--peer-timeout", type=positive, default=60.0,
-                      help="seconds to wait for the coordinator or another process before ending")
+    many.add_argument("--join-timeout", type=positive, default=300.0,
+                      help="seconds for every process to reach the coordinator at the start")
+    many.add_argument("--peer-timeout", type=positive, default=20.0,
+                      help="seconds without a heartbeat from another process before it counts as dead")
     return p
 
 
@@ -173,30 +175,68 @@ class Processes:
 
     index: int = 0
     count: int = 1
-    timeout: float = 60.0  # seconds to wait for another process
+    timeout: float = 20.0  # seconds without a heartbeat after which another process counts as dead
     client: object = None  # jax.distributed's key-value store; None for one process
+    address: str = None  # the coordinator's HOST:PORT
     closing: threading.Event = dataclasses.field(default_factory=threading.Event)  # the run has ended
 
-    def _get(self, key, q, what):
-        """The value process q put under `key`, polled so that the loader thread can stop when the run
-        ends. After `timeout` seconds, end this process: whatever its other thread waits for (a
-        collective with a process that has died can wait forever)."""
-        deadline = time.monotonic() + self.timeout
+    def gone(self, e):
+        """End this process when the coordinator's key-value store fails (process 0 has stopped)."""
+        leave(f"the coordinator at {self.address} stopped answering ({str(e).splitlines()[0][:80]}), so process 0 "
+              "has probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
+
+    def watch(self):
+        """Beat this process's heart in the key-value store every second, and end this process with one
+        sentence when another's has not beaten for `timeout` seconds (it died, or its machine did).
+        Waiting for a slow process (compiling, checkpointing) is not a failure; a silent heart is.
+        jax.distributed has heartbeats of its own, but it ends a process with a stack trace: its
+        timeout is set longer, so this one speaks first."""
+        heard = {q: (None, time.monotonic()) for q in range(self.count) if q != self.index}
+        beat = 0
+        while not self.closing.wait(1.0):
+            beat += 1
+            try:
+                self.client.key_value_set(f"alive/{self.index}", str(beat), allow_overwrite=True)
+                for q, (last, since) in heard.items():
+                    now = self._try(f"alive/{q}")
+                    if now != last:
+                        heard[q] = (now, time.monotonic())
+                    elif time.monotonic() - since > self.timeout and not self.closing.is_set():
+                        leave(f"process {q} has not been heard from for {self.timeout:g} s, so it has stopped "
+                              "(or its machine has); the last good checkpoint is kept: fix it and rerun every "
+                              "process with --resume", 1)
+            except Exception as e:
+                self.gone(e)
+
+    def _try(self, key):
+        """The value under `key`, or None while nobody has put it there."""
+        try:
+            return self.client.key_value_try_get_bytes(key)
+        except Exception as e:
+            if "NOT_FOUND" not in str(e):
+                raise
+            return None
+
+    def _get(self, key):
+        """The value another process put under `key`, polled so that the loader thread can stop when
+        the run ends. A process that never puts it has died: `watch` ends this one then."""
+        pause = 0.001
         while not self.closing.is_set():
             try:
-                return self.client.key_value_try_get_bytes(key)
-            except Exception as e:  # not there yet, or the coordinator has gone
-                if time.monotonic() > deadline or "NOT_FOUND" not in str(e):
-                    leave(f"process {q} sent no {what} within {self.timeout:g} s, so it has stopped or hangs; "
-                          "the last good checkpoint is kept: fix it and rerun every process with --resume", 1)
-            time.sleep(0.002)
+                value = self._try(key)
+            except Exception as e:
+                self.gone(e)
+            if value is not None:
+                return value
+            pause = min(2 * pause, 0.05)  # a few ms for a process in step, less load for a slow one
+            time.sleep(pause)
         raise DataError("the run has ended")
 
     def share_rows(self, i, rows):
         """SharedStream's exchange: this process's rows of global batch i -> every process's rows."""
         (mine,) = rows.values()
         self.client.key_value_set_bytes(f"rows/{i}/{self.index}", mine.tobytes())
-        everyone = {q: np.frombuffer(self._get(f"rows/{i}/{q}", q, "batch"), np.int32).reshape(mine.shape)
+        everyone = {q: np.frombuffer(self._get(f"rows/{i}/{q}"), np.int32).reshape(mine.shape)
                     for q in range(self.count) if q != self.index}
         if i >= ROWS_KEPT:
             self.client.key_value_delete(f"rows/{i - ROWS_KEPT}/{self.index}")
@@ -207,7 +247,7 @@ class Processes:
         if self.client is None:
             return flag
         self.client.key_value_set(f"{key}/{self.index}", str(int(flag)))
-        return flag or any(self._get(f"{key}/{q}", q, "reply") == b"1" for q in range(self.count) if q != self.index)
+        return flag or any(self._get(f"{key}/{q}") == b"1" for q in range(self.count) if q != self.index)
 
     def barrier(self, name):
         """Wait until every process has reached `name`."""
@@ -234,19 +274,21 @@ def start_processes(args):
     # jax.distributed aborts the process with a stack trace when it cannot connect in time: a timer
     # that ends it first, with one sentence, is set a little earlier than its deadline
     failed = (f"the coordinator at {address} could not be reached, or not every one of the {count} processes "
-              f"joined, within {args.peer_timeout:g} s; start every process, check the address and its port, or "
-              "raise --peer-timeout")
-    timer = threading.Timer(args.peer_timeout, leave, (failed, 1))
+              f"joined, within {args.join_timeout:g} s; start every process, check the address and its port, or "
+              "raise --join-timeout")
+    timer = threading.Timer(args.join_timeout, leave, (failed, 1))
     timer.start()
     try:
-        jax.distributed.initialize(address, count, index, initialization_timeout=math.ceil(args.peer_timeout) + 30,
-                                   heartbeat_timeout_seconds=math.ceil(2 * args.peer_timeout))
+        jax.distributed.initialize(address, count, index, initialization_timeout=math.ceil(args.join_timeout) + 30,
+                                   heartbeat_timeout_seconds=math.ceil(3 * args.peer_timeout) + 30)
     except Exception as e:
         raise UserError(f"{failed} ({type(e).__name__})") from None
     finally:
         timer.cancel()
     from jax._src import distributed  # the coordination service's key-value store that initialize opened
-    return Processes(index, count, args.peer_timeout, distributed.global_state.client)
+    procs = Processes(index, count, args.peer_timeout, distributed.global_state.client, address)
+    threading.Thread(target=procs.watch, daemon=True).start()
+    return procs
 
 
 def default_micro_batch(batch_size, seq_len, n_devices):
