@@ -175,7 +175,7 @@ class Processes:
 
     index: int = 0
     count: int = 1
-    timeout: float = 20.0  # seconds without a heartbeat after which another process counts as dead
+    timeout: float = None  # seconds without a heartbeat after which another process counts as dead
     client: object = None  # jax.distributed's key-value store; None for one process
     address: str = None  # the coordinator's HOST:PORT
     closing: threading.Event = dataclasses.field(default_factory=threading.Event)  # the run has ended
