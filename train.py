@@ -197,36 +197,31 @@ class Processes:
             beat += 1
             try:
                 self.client.key_value_set(f"alive/{self.index}", str(beat), allow_overwrite=True)
-                for q, (last, since) in heard.items():
-                    now = self._try(f"alive/{q}")
-                    if now != last:
-                        heard[q] = (now, time.monotonic())
-                    elif time.monotonic() - since > self.timeout and not self.closing.is_set():
-                        leave(f"process {q} has not been heard from for {self.timeout:g} s, so it has stopped "
-                              "(or its machine has); the last good checkpoint is kept: fix it and rerun every "
-                              "process with --resume", 1)
             except Exception as e:
                 self.gone(e)
+            for q, (last, since) in heard.items():
+                if (now := self._try(f"alive/{q}")) != last:
+                    heard[q] = (now, time.monotonic())
+                elif time.monotonic() - since > self.timeout and not self.closing.is_set():
+                    leave(f"process {q} has not been heard from for {self.timeout:g} s, so it has stopped "
+                          "(or its machine has); the last good checkpoint is kept: fix it and rerun every "
+                          "process with --resume", 1)
 
     def _try(self, key):
-        """The value under `key`, or None while nobody has put it there."""
+        """The value under `key`, or None while nobody has put it there; a failing store ends this process."""
         try:
             return self.client.key_value_try_get_bytes(key)
         except Exception as e:
-            if "NOT_FOUND" not in str(e):
-                raise
-            return None
+            if "NOT_FOUND" in str(e):
+                return None
+            self.gone(e)
 
     def _get(self, key):
         """The value another process put under `key`, polled so that the loader thread can stop when
         the run ends. A process that never puts it has died: `watch` ends this one then."""
         pause = 0.001
         while not self.closing.is_set():
-            try:
-                value = self._try(key)
-            except Exception as e:
-                self.gone(e)
-            if value is not None:
+            if (value := self._try(key)) is not None:
                 return value
             pause = min(2 * pause, 0.05)  # a few ms for a process in step, less load for a slow one
             time.sleep(pause)
