@@ -4,7 +4,7 @@
     python bench.py --size 421M --batch-size 64 --micro-batch 16    # on a GPU (bfloat16 by default)
     python bench.py --report                                         # the whole accelerator check
     python bench.py --loader                                         # data loader tokens/s
-    python bench.py --loader --data ../shared/minipile/00.jsonl.zst ../shared/minipile/01.jsonl.zst
+    python bench.py --loader --data corpus/minipile/00.jsonl.zst corpus/minipile/01.jsonl.zst
 
 Model mode runs warm-up then timed optimizer steps on synthetic batches whose ids follow a Zipf law
 (about as many distinct ids per batch as real text; or real tokens with --data) and prints, per
@@ -182,7 +182,7 @@ def run_report(args):
 
 
 def run_loader(args):
-    paths = args.data or ["../shared/minipile/00.jsonl.zst", "../shared/minipile/01.jsonl.zst"]
+    paths = args.data or ["corpus/minipile/00.jsonl.zst", "corpus/minipile/01.jsonl.zst"]
     try:
         result = data.loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
                                          seconds=args.seconds, threads=args.threads)

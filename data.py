@@ -1,6 +1,6 @@
 """The data pipeline: Pile shards (local files or HTTP) -> tokens -> packed, shuffled batches.
 
-    stream = BatchStream(resolve_sources(["../shared/minipile"], "--data"), tokenizer("o200k_base"),
+    stream = BatchStream(resolve_sources(["corpus/minipile"], "--data"), tokenizer("o200k_base"),
                          seq_len=512, batch_size=512)
     tokens = stream.next_batch()          # (512, 513) int32: inputs and next-token targets
     state = stream.state()                # goes into a checkpoint; load_state(state) continues exactly
@@ -36,14 +36,9 @@ import urllib.request
 import numpy as np
 import zstandard
 
-# Offline use: tiktoken reads its cached files from ../shared/tiktoken unless told otherwise.
-_SHARED_TIKTOKEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken")
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_SHARED_TIKTOKEN):
-    os.environ["TIKTOKEN_CACHE_DIR"] = _SHARED_TIKTOKEN
+import tiktoken
 
-import tiktoken  # noqa: E402
-
-import leviathan as lv  # noqa: E402
+import leviathan as lv
 
 PILE = "https://huggingface.co/datasets/monology/pile-uncopyrighted/resolve/main"
 DEFAULT_DATA = [f"{PILE}/train/{i:02d}.jsonl.zst" for i in range(30)]
@@ -76,9 +71,9 @@ def tokenizer(name):
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:
-        raise UserError(f"the tiktoken encoding {name} could not be loaded ({type(e).__name__}); offline, "
-                        "set TIKTOKEN_CACHE_DIR to a folder with its cached file, such as "
-                        "../shared/tiktoken, or use --tokenizer bytes") from None
+        raise UserError(f"the tiktoken encoding {name} could not be loaded ({type(e).__name__}): tiktoken "
+                        "downloads it once (about 5 MB) and then reads it from its cache; connect once, or set "
+                        "TIKTOKEN_CACHE_DIR to a folder holding its cached file, or use --tokenizer bytes") from None
 
 
 class OneLineParser(argparse.ArgumentParser):

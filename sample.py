@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-import data  # first: it points tiktoken at ../shared/tiktoken for offline use
+import data
 import jax
 import leviathan as lv
 from data import UserError

@@ -21,9 +21,7 @@ from pathlib import Path
 
 # Two CPU devices for the data-parallel test; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
-# Offline tiktoken: read the o200k/cl100k files from ../shared when they are there.
 HERE = os.path.dirname(os.path.abspath(__file__))
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -35,6 +33,32 @@ import data  # noqa: E402
 import leviathan as lv  # noqa: E402
 import plot  # noqa: E402
 import train  # noqa: E402
+
+
+@functools.cache
+def encoding_problem(name):
+    """None where tiktoken can load the encoding `name` (from its cache, or by downloading it), else why not."""
+    import tiktoken
+
+    try:
+        tiktoken.get_encoding(name)
+    except Exception as e:  # noqa: BLE001 -- any failure means the same: no tokenizer file here
+        return (f"needs tiktoken's {name}, which is neither in its cache nor downloadable here "
+                f"({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder holding it")
+    return None
+
+
+def skip_without(*names):
+    """Skip the calling test, with its one-line reason, where a tokenizer file it needs cannot be had."""
+    for name in names:
+        if problem := encoding_problem(name):
+            pytest.skip(problem)
+
+
+@pytest.fixture
+def o200k():
+    """For tests that tokenize with o200k_base (train.py's default tokenizer)."""
+    skip_without("o200k_base")
 
 # ================================================================================================
 # leviathan.py
@@ -98,6 +122,7 @@ def test_decompose_is_a_bijection_over_the_whole_vocabulary():
 def test_tokenizer_vocabularies():
     import tiktoken
 
+    skip_without("o200k_base", "cl100k_base")
     assert lv.padded_vocab(tiktoken.get_encoding("o200k_base")) == 200_376
     assert lv.padded_vocab(tiktoken.get_encoding("cl100k_base")) == 100_277
     enc = lv.byte_encoding()
@@ -808,7 +833,7 @@ def test_sample_py_errors_are_one_sentence(case, sample_run, tmp_path, capsys):
 # data.py
 # ================================================================================================
 
-MINIPILE = os.path.join("..", "shared", "minipile")  # relative to the repository root
+MINIPILE = os.path.join("corpus", "minipile")  # the bundled corpus, relative to the repository root
 BYTES = lv.byte_encoding()  # token id = byte value, EOT = 256: easy to read in assertions
 EOT = 256
 

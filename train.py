@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-import data  # first: it points tiktoken at ../shared/tiktoken for offline use
+import data
 import jax
 import jax.numpy as jnp
 import leviathan as lv

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Every run behind EXERCISES.md's measured answers, in the order they were made.
-# Run from the repository root: bash results/lab/commands.sh   (3-4 minutes per run on 2 idle cores;
-# a run whose folder already holds a finished run is skipped)
+# Run from the repository root (3-13 minutes per run on 2 cores):
+#   bash results/lab/commands.sh                  # writes runs/lab/<run>; compare with results/lab/<run>
+#   bash results/lab/commands.sh --redo-results   # replaces the committed runs in results/lab on purpose
+# A run already in the folder is resumed from its checkpoint (a finished one does nothing).
 set -euo pipefail
-COMMON=(--size tiny --data ../shared/minipile/00.jsonl.zst ../shared/minipile/01.jsonl.zst
-        --val-data ../shared/minipile/val.jsonl.zst --steps 100 --batch-size 8 --seq-len 64
+OUT=runs/lab
+if [ "${1:-}" = "--redo-results" ]; then OUT=results/lab; fi
+COMMON=(--size tiny --data corpus/minipile/00.jsonl.zst corpus/minipile/01.jsonl.zst
+        --val-data corpus/minipile/val.jsonl.zst --steps 100 --batch-size 8 --seq-len 64
         --eval-every 25 --eval-tokens 8192 --log-every 10)
-run() { name=$1; seed=$2; shift 2; [ -f "results/lab/$name-s$seed/ckpt.npz" ] && return
-        python train.py "${COMMON[@]}" --seed "$seed" --out "results/lab/$name-s$seed" "$@"; }
+run() { name=$1; seed=$2; shift 2; dir="$OUT/$name-s$seed"; again=()
+        if [ -f "$dir/ckpt.npz" ]; then again=(--resume)
+        elif [ "$OUT" = results/lab ]; then rm -f "$dir/config.json" "$dir/log.jsonl"; fi
+        python train.py "${COMMON[@]}" --seed "$seed" --out "$dir" "$@" "${again[@]}"; }
 for seed in 0 1; do
   run leviathan        $seed --model leviathan                        # (b-f) the paper's model
   run dense            $seed --model dense                            # (b) its dense twin
