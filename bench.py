@@ -21,6 +21,7 @@ a markdown report (device, JAX version, every figure above, the ratios) and writ
 
 import argparse
 import datetime
+import itertools
 import time
 
 import jax
@@ -28,6 +29,8 @@ import numpy as np
 
 import data
 import leviathan as lv
+from machinery import cli
+from machinery.cli import number
 
 
 def zipf_tokens(rng, n_seqs, seq_len, vocab_size, exponent=1.0):
@@ -181,12 +184,41 @@ def run_report(args):
     return results
 
 
+def loader_throughput(paths, encoding="o200k_base", seq_len=512, batch_size=512, seconds=20.0,
+                      max_batches=None, shuffle_buffer=data.SHUFFLE_BUFFER, seed=0, threads=1):
+    """Tokens/s of the whole loader (decompress, parse, tokenize, pack, shuffle, tally, prepare_batch,
+    state) on the calling thread, once the shuffle buffer is full (the fill is timed apart). Stops after
+    `seconds` or `max_batches`, whichever comes first."""
+    enc = data.tokenizer(encoding) if isinstance(encoding, str) else encoding
+    stream = data.BatchStream(data.resolve_sources(paths, "--data"), enc, seq_len, batch_size, seed, shuffle_buffer,
+                              threads=threads)
+    tally = data.Tally(lv.padded_vocab(enc))
+
+    def produce():  # what train.py does with each batch before the device sees it
+        tokens = stream.next_batch()
+        tally.add(tokens)
+        return lv.prepare_batch(tokens), stream.state(), tally.state()
+
+    t0 = time.perf_counter()
+    produce()
+    t1 = time.perf_counter()
+    for n in itertools.count(1):
+        produce()
+        elapsed = time.perf_counter() - t1
+        if (max_batches is not None and n >= max_batches) or (seconds is not None and elapsed >= seconds):
+            break
+    tokens = n * batch_size * (seq_len + 1)
+    return {"tokens_per_s": tokens / elapsed, "batches": n, "tokens": tokens, "seconds": elapsed,
+            "fill_seconds": t1 - t0, "epochs": stream.epoch, "bad_lines": stream.bad_lines,
+            "threads": threads, "tokenizer": enc.name, "seq_len": seq_len, "batch_size": batch_size}
+
+
 def run_loader(args):
     paths = args.data or ["corpus/minipile/00.jsonl.zst", "corpus/minipile/01.jsonl.zst"]
     try:
-        result = data.loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
-                                         seconds=args.seconds, threads=args.threads)
-    except data.UserError as e:
+        result = loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
+                                   seconds=args.seconds, threads=args.threads)
+    except cli.UserError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"loader: {result['tokens_per_s']:,.0f} tokens/s, o200k_base, {result['batches']} batches of "
           f"{args.batch_size} x {args.seq_len + 1} tokens in {result['seconds']:.1f} s after a "
@@ -195,9 +227,9 @@ def run_loader(args):
 
 
 def make_parser():
-    parser = data.OneLineParser(prog="bench.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add, whole = parser.add_argument, data.whole
+    parser = cli.OneLineParser(prog="bench.py", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add, whole = parser.add_argument, number
     add("--size", default="tiny", choices=list(lv.SIZES))
     add("--models", nargs="+", default=["leviathan", "dense"], choices=lv.MODELS)
     add("--batch-size", type=whole(1), default=8, help="sequences per optimizer step")
@@ -211,7 +243,7 @@ def make_parser():
     add("--report", action="store_true", help="the whole accelerator check (see above)")
     add("--sizes", nargs="+", choices=list(lv.SIZES), help="--report: only these of its sizes")
     add("--report-file", default="bench_report.md", help="--report: markdown written here")
-    add("--seconds", type=data.positive, default=20.0, help="loader mode: how long")
+    add("--seconds", type=number(0, whole=False, strict=True), default=20.0, help="loader mode: how long")
     add("--threads", type=whole(1), default=1, help="loader mode: tokenizer threads")
     return parser
 
@@ -219,6 +251,7 @@ def make_parser():
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
+    cli.use_compile_cache()
     if args.micro_batch and args.batch_size % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch} does not divide --batch-size {args.batch_size}; "
                      "give a divisor of the batch, or 0 for the whole batch")

@@ -7,31 +7,26 @@
 
 The file reads top to bottom:
 
-  1. Sources and errors: files, globs, folders, URLs; tokenizers; numbers on a command line
+  1. Sources: files, globs, folders, URLs; tokenizers
   2. Reading shards: local files or HTTP (reconnecting mid-shard), zstd frames, lines, text files
   3. The batch stream: documents -> tokens -> packed sequences -> shuffle buffer -> batches.
      A state machine whose state goes into every checkpoint, so a resumed run sees the same batches.
+     The tally of what training consumed: data_hash and the count of every token.
   4. The background loader
-  5. Validation: tokens, token-frequency buckets (of targets and of inputs), loss summary
-  6. Loader throughput (bench.py --loader prints it)
+  5. Validation tokens
 
 Nothing here depends on the model, so a Leviathan run and its dense twin see identical batches.
 """
 
-import argparse
+import codecs
 import glob
 import hashlib
-import http.client
 import itertools
 import json
 import math
 import os
 import queue
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import zstandard
@@ -39,6 +34,8 @@ import zstandard
 import tiktoken
 
 import leviathan as lv
+from machinery.cli import DataError, UserError
+from machinery.http_reader import HTTPReader
 
 PILE = "https://huggingface.co/datasets/monology/pile-uncopyrighted/resolve/main"
 DEFAULT_DATA = [f"{PILE}/train/{i:02d}.jsonl.zst" for i in range(30)]
@@ -47,18 +44,8 @@ SHUFFLE_BUFFER = 10_000  # sequences in the shuffle buffer (paper: 10,000)
 N_BUCKETS = 5  # token-frequency buckets of the validation loss
 
 # ------------------------------------------------------------------------------------------------
-# 1. Sources and errors
+# 1. Sources
 # ------------------------------------------------------------------------------------------------
-
-
-class UserError(Exception):
-    """A problem the user can fix, told in one sentence: train.py prints it and exits with `code`."""
-
-    code = 1
-
-
-class DataError(UserError):
-    """A shard that cannot be read: missing, corrupt, truncated, unreachable."""
 
 
 def tokenizer(name):
@@ -76,69 +63,58 @@ def tokenizer(name):
                         "TIKTOKEN_CACHE_DIR to a folder holding its cached file, or use --tokenizer bytes") from None
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one sentence (exit status 2), not a usage block."""
-
-    def error(self, message):
-        print(f"error: {message}; see python {self.prog} --help.", file=sys.stderr)
-        sys.exit(2)
-
-
-def whole(low):
-    """An argparse type: a whole number of at least `low`, else one sentence naming the range."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be a whole number of {low} or more, not {text!r}")
-        return value
-    return parse
-
-
-def positive(text):
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
-    return value
-
-
 def is_url(source):
     return source.startswith(("http://", "https://"))
 
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")  # plain text; every other source is JSON lines like the Pile's
-SOURCE_SUFFIXES = (".jsonl", ".jsonl.zst", ".zst") + TEXT_SUFFIXES + tuple(s + ".zst" for s in TEXT_SUFFIXES)
+SHARD_SUFFIXES = (".jsonl", ".jsonl.zst", ".zst")  # JSON lines like the Pile's; any other file is plain text
 
 
 def is_text(source):
-    """True for a plain-text source (.txt, .md, .text, or those compressed with .zst)."""
-    return source.lower().removesuffix(".zst").endswith(TEXT_SUFFIXES)
+    """True for a plain-text source: every file whose name does not end in .jsonl, .jsonl.zst or .zst
+    (book.txt, notes.md, README), and those text files compressed as <name>.txt.zst or <name>.md.zst."""
+    name = source.lower()
+    return not name.endswith(SHARD_SUFFIXES) or name.removesuffix(".zst").endswith((".txt", ".md", ".text"))
 
 
 def files_under(folder):
-    """The shard and text files below a folder, subfolders included, in sorted order."""
+    """Every file below a folder, subfolders included, hidden ones (.name) aside, in sorted order."""
     found = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-             if name.lower().endswith(SOURCE_SUFFIXES) and not name.startswith(".")]
+             if not name.startswith(".")]
     return sorted(found)
 
 
+def is_binary(path):
+    """Whether a local, uncompressed text source is not UTF-8 text: a NUL byte or an invalid sequence
+    in its first 64 KB (a character cut at the end of them is fine)."""
+    if is_url(path) or not is_text(path) or path.endswith(".zst"):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return True
+    return b"\0" in head
+
+
 def resolve_sources(specs, flag):
-    """Files, globs, folders and URLs -> the list of shards, in order. Missing local files fail here."""
+    """Files, globs, folders and URLs -> the list of shards, in order. Missing local files fail here, and
+    so does a named file that is not text; a folder's files that are not text are left out, with a note."""
     sources = []
     for spec in specs:
         if is_url(spec) or os.path.isfile(spec):
+            if is_binary(spec):
+                raise DataError(f"{spec} is not UTF-8 text, so it cannot be trained on; convert it to UTF-8 "
+                                "(iconv -t utf-8) or leave it out")
             sources.append(spec)
         elif os.path.isdir(spec):
             if not (found := files_under(spec)):
-                raise DataError(f"{flag} folder {spec} holds no .jsonl.zst, .jsonl, .txt or .md file; "
-                                "check the path")
-            sources += found
+                raise DataError(f"{flag} folder {spec} holds no file; check the path")
+            if binary := [f for f in found if is_binary(f)]:
+                print(f"note: {flag} {spec}: left out {len(binary)} file(s) that are not UTF-8 text "
+                      f"({', '.join(os.path.relpath(f, spec) for f in binary[:3])}{', ...' if len(binary) > 3 else ''})")
+            sources += [f for f in found if f not in binary]
         elif glob.has_magic(spec):
             if not (found := sorted(glob.glob(spec))):
                 raise DataError(f"{flag} pattern {spec} matches no file; check the path")
@@ -153,68 +129,6 @@ def resolve_sources(specs, flag):
 # ------------------------------------------------------------------------------------------------
 
 READ_SIZE = 1 << 20  # bytes per read
-HTTP_RETRIES = 5  # failed attempts in a row before an HTTP shard gives up
-HTTP_BACKOFF = 1.0  # seconds before the second retry; doubles with each further one
-HTTP_TIMEOUT = 60  # seconds of silence before a connection counts as dropped
-
-
-class HTTPReader:
-    """The bytes of a URL, front to back. A dropped connection is reopened with a Range request at
-    the byte where it stopped; If-Range carries the first response's ETag (or Last-Modified), so a
-    file that changed on the server comes back whole (status 200) and is refused, never spliced."""
-
-    def __init__(self, url):
-        self.url, self.pos, self.size, self.validator, self.response = url, 0, None, None, None
-
-    def read(self, n):
-        for failures in itertools.count(1):
-            try:
-                if self.response is None:
-                    self.response = self._request()
-                data = self.response.read(n)
-                if not data and self.size is not None and self.pos < self.size:
-                    raise ConnectionError("the server closed the connection early")
-                self.pos += len(data)
-                return data
-            except urllib.error.HTTPError as e:
-                if e.code < 500 and e.code not in (408, 429):  # 404 and the like: retrying will not help
-                    raise DataError(f"shard {self.url} answered HTTP {e.code} {e.reason}; "
-                                    "check the URL") from None
-                error = f"HTTP {e.code} {e.reason}"
-            except (OSError, http.client.HTTPException) as e:
-                error = getattr(e, "reason", None) or e
-            self.close()
-            if failures > HTTP_RETRIES:
-                raise DataError(f"shard {self.url} could not be read after {HTTP_RETRIES} retries ({error}); "
-                                "check the network or pass local shards with --data and --val-data")
-            time.sleep(HTTP_BACKOFF * 2 ** (failures - 2) if failures > 1 else 0)
-
-    def _request(self):
-        headers = {"User-Agent": "leviathan-train"}
-        if self.pos:
-            if not self.validator:
-                raise DataError(f"shard {self.url} dropped the connection and its server sends no ETag to "
-                                "resume it safely; download the shard and pass the file with --data")
-            headers.update({"Range": f"bytes={self.pos}-", "If-Range": self.validator})
-        request = urllib.request.Request(self.url, headers=headers)
-        response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)
-        if not self.pos:
-            self.validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
-            length = response.headers.get("Content-Length")
-            self.size = int(length) if length else None
-        elif response.status != 206 or not response.headers.get("Content-Range", "").startswith(
-                f"bytes {self.pos}-"):
-            response.close()
-            raise DataError(f"shard {self.url} changed on the server (or cannot resume) while it was read, "
-                            "so it was not spliced; rerun with --resume to read it again")
-        return response
-
-    def close(self):
-        if self.response is not None:
-            self.response.close()
-            self.response = None
-
-
 def open_source(source):
     if is_url(source):
         return HTTPReader(source)
@@ -335,7 +249,7 @@ class BatchStream:
     """
 
     def __init__(self, sources, enc, seq_len, batch_size, seed=0, shuffle_buffer=SHUFFLE_BUFFER,
-                 vocab_size=None, loop=True, threads=1, share=(0, 1)):
+                 loop=True, threads=1, share=(0, 1)):
         self.sources, self.enc, self.seq_len, self.batch_size = list(sources), enc, seq_len, batch_size
         self.shuffle_size, self.loop, self.threads = shuffle_buffer, loop, threads
         # share (p, n): read only part p of n of the data (a process of n): shards p::n, or when there
@@ -347,9 +261,6 @@ class BatchStream:
         self.epoch = self.shard = self.line = self.offset = 0  # where the next unread record is
         self.pending = np.zeros(0, np.int32)  # tokens read but not yet packed into a sequence
         self.buffer = []  # the shuffle buffer: (seq_len+1,) int32 arrays, never changed in place
-        self.batches = 0  # batches emitted
-        self.data_hash = "0" * 32  # chain_hash over every batch emitted
-        self.counts = np.zeros(vocab_size or enc.n_vocab, np.int64)  # target tokens emitted, per id
         self.bad_lines = 0  # lines that are not JSON with a string "text"
         self.documents = {}  # pile_set_name -> documents read
         self._lines = None  # the open shard's line iterator; not state: reopened at `offset`
@@ -364,7 +275,8 @@ class BatchStream:
                 wraps += 1
                 if wraps == 2:  # a whole pass over the shards found no document
                     raise DataError(f"the training data ({self.sources[0]}, ...) holds no document: no line "
-                                    "is JSON with a \"text\" string; plain text must end in .txt or .md")
+                                    "is JSON with a \"text\" string; a file named .jsonl, .jsonl.zst or .zst is "
+                                    "read as JSON lines, any other as plain text")
                 self.epoch, self.shard = self.epoch + 1, 0
             source = self.sources[self.shard]
             if self._lines is None:
@@ -384,11 +296,19 @@ class BatchStream:
         return bool(texts)
 
     def _text(self, document):
-        """The text of a plain-text document; None when it is blank."""
+        """The text of a plain-text document; None when it is blank. A file that is not UTF-8 text
+        (a binary file, or another encoding) is refused rather than trained on as garbage."""
         if not document.strip():
             return None
+        try:
+            text = document.decode("utf-8")
+            if "\0" in text:
+                raise UnicodeDecodeError("utf-8", document, document.index(b"\0"), 0, "a NUL byte")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self.sources[self.shard]} is not UTF-8 text ({e.reason} in a document), so it was "
+                            "not trained on; convert it to UTF-8 (iconv -t utf-8) or leave it out") from None
         self.documents["text"] = self.documents.get("text", 0) + 1
-        return document.decode("utf-8", errors="replace")
+        return text
 
     def _parse(self, line):
         """The text of one JSON line; None for a blank line or a bad one (which is counted)."""
@@ -446,83 +366,64 @@ class BatchStream:
                 i = self.rng.integers(self.shuffle_size)
                 rows.append(self.buffer[i])
                 self.buffer[i] = sequence
-        tokens = np.stack(rows)  # (B, T+1)
-        self.batches += 1
-        self.data_hash = chain_hash(self.data_hash, tokens)
-        self.counts += np.bincount(tokens[:, 1:].ravel(), minlength=len(self.counts))
-        return tokens
+        return np.stack(rows)  # (B, T+1)
 
     def state(self):
-        """Everything needed to continue exactly from here. Cheap: only `counts` is copied; pending
-        and the buffer's rows are never changed in place, so sharing them is safe."""
+        """Everything needed to continue exactly from here. Cheap: pending and the buffer's rows are
+        never changed in place, so sharing them is safe."""
         return {"epoch": self.epoch, "shard": self.shard, "line": self.line, "offset": self.offset,
-                "batches": self.batches, "data_hash": self.data_hash, "bad_lines": self.bad_lines,
-                "documents": dict(self.documents), "rng": self.rng.bit_generator.state,
-                "pending": self.pending, "buffer": list(self.buffer), "counts": self.counts.copy()}
+                "bad_lines": self.bad_lines, "documents": dict(self.documents),
+                "rng": self.rng.bit_generator.state, "pending": self.pending, "buffer": list(self.buffer)}
 
     def load_state(self, state):
         if self._lines is not None:
             self._lines.close()
         self._lines = None
-        for key in ("epoch", "shard", "line", "offset", "batches", "data_hash", "bad_lines"):
+        for key in ("epoch", "shard", "line", "offset", "bad_lines"):
             setattr(self, key, state[key])
         self.documents = dict(state["documents"])
         self.rng.bit_generator.state = state["rng"]
         self.pending = np.asarray(state["pending"], np.int32)
         self.buffer = list(state["buffer"])
-        self.counts = np.array(state["counts"], np.int64)
 
 
-class SharedStream:
-    """The global batch stream of a run over n processes: rows [p B/n, (p+1) B/n) of every batch come
-    from the BatchStream of share p (`BatchStream(share=(p, n))`). A process reads its own shares
-    (`local`) and `exchange(batch_index, {share: rows})` returns every share's rows (through the
-    processes' key-value store in train.py; the identity when one process reads all n shares, which
-    gives the same batches). The global batch, its data_hash and the token counts are the same on
-    every process, and depend on the data, tokenizer, seed, batch shape and n, never on the model."""
+class Tally:
+    """What training has consumed: batches, data_hash (a running hash of every token, so two runs
+    can prove they saw the same tokens) and the count of every target id (the evaluation's frequency
+    buckets). Kept on the global batch, so it is the same on every process and for both models."""
 
-    def __init__(self, sources, enc, seq_len, batch_size, n, local, exchange=None, seed=0,
-                 shuffle_buffer=SHUFFLE_BUFFER, vocab_size=None, threads=1):
-        if batch_size % n:
-            raise UserError(f"--batch-size {batch_size} does not split into {n} equal shares, one per process; "
-                            f"give a multiple of {n}")
-        self.n, self.exchange = n, exchange or (lambda i, rows: rows)
-        self.shares = {p: BatchStream(sources, enc, seq_len, batch_size // n, seed, shuffle_buffer, vocab_size,
-                                      threads=threads, share=(p, n)) for p in local}
-        self.batches, self.data_hash = 0, "0" * 32  # as BatchStream's, over the global batches
-        self.counts = np.zeros(vocab_size or enc.n_vocab, np.int64)
+    def __init__(self, vocab_size):
+        self.batches, self.data_hash = 0, "0" * 32
+        self.counts = np.zeros(vocab_size, np.int64)  # target tokens consumed, per id
 
-    def next_batch(self):
-        """The next global batch (batch_size, seq_len+1) int32."""
-        rows = self.exchange(self.batches, {p: stream.next_batch() for p, stream in self.shares.items()})
-        tokens = np.concatenate([rows[p] for p in range(self.n)])
+    def add(self, tokens):
+        """Count a batch (B, T+1) that training consumes."""
         self.batches += 1
         self.data_hash = chain_hash(self.data_hash, tokens)
         self.counts += np.bincount(tokens[:, 1:].ravel(), minlength=len(self.counts))
-        return tokens
 
     def state(self):
-        """The global position, and each local share's BatchStream state under "shares"."""
-        local = [stream.state() for stream in self.shares.values()]
-        documents = {}
-        for s in local:
-            documents.update({k: documents.get(k, 0) + v for k, v in s["documents"].items()})
-        return {"epoch": max(s["epoch"] for s in local), "batches": self.batches, "data_hash": self.data_hash,
-                "bad_lines": sum(s["bad_lines"] for s in local), "documents": documents,
-                "counts": self.counts.copy(), "shares": dict(zip(self.shares, local))}
+        return {"batches": self.batches, "data_hash": self.data_hash, "counts": self.counts.copy()}
 
     def load_state(self, state):
         self.batches, self.data_hash = state["batches"], state["data_hash"]
         self.counts = np.array(state["counts"], np.int64)
-        for p, stream in self.shares.items():
-            stream.load_state(state["shares"][p])
+
+
+def unshuffled(sources, enc, seq_len):
+    """A stream of the shards' packed sequences in reading order, once through (no buffer, no loop)."""
+    return BatchStream(sources, enc, seq_len, batch_size=1, shuffle_buffer=0, loop=False)
+
+
+def sequences(stream):
+    """A stream's packed sequences (seq_len+1,) int32 in reading order, until it ends."""
+    while (sequence := stream.next_sequence()) is not None:
+        yield sequence
 
 
 def token_sequences(sources, enc, seq_len):
     """Packed sequences (seq_len+1,) int32 of shards (paths or URLs) in reading order, once through."""
-    stream = BatchStream(sources, enc, seq_len, batch_size=1, shuffle_buffer=0, loop=False)
-    while (sequence := stream.next_sequence()) is not None:
-        yield sequence
+    return sequences(unshuffled(sources, enc, seq_len))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,30 +431,25 @@ def token_sequences(sources, enc, seq_len):
 # ------------------------------------------------------------------------------------------------
 
 
-def produce(stream, n_devices):
-    """One loader item: (prepared batch, the stream's state just after it), or None at the end."""
-    tokens = stream.next_batch()
-    return None if tokens is None else (lv.prepare_batch(tokens, n_devices), stream.state())
-
-
 class Loader:
-    """Runs a BatchStream in a background thread, up to `depth` batches ahead of training.
+    """Runs a stream (BatchStream or Shares) in a background thread, up to `depth` batches ahead of
+    training: next(loader) -> (tokens (B, T+1), the stream's state just after them).
 
-    Every batch comes with the stream's state just after it. The training loop checkpoints the state
-    that came with the last batch it trained on, so a resumed run restarts the stream right after
-    that batch, however far ahead the thread had read, and without replaying anything."""
+    The training loop checkpoints the state that came with the last batch it trained on, so a
+    resumed run restarts the stream right after that batch, however far ahead the thread had read,
+    and without replaying anything."""
 
-    def __init__(self, stream, n_devices=1, depth=8):
+    def __init__(self, stream, depth=8):
         self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(stream, n_devices), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
         self.thread.start()
 
-    def _run(self, stream, n_devices):
+    def _run(self, stream):
         try:
             while not self.stop.is_set():
-                if (item := produce(stream, n_devices)) is None:
+                if (tokens := stream.next_batch()) is None:
                     return self._put(DataError("the training data ran out"))
-                self._put(item)
+                self._put((tokens, stream.state()))
         except Exception as error:  # handed over to the training loop, which reports it
             self._put(error)
 
@@ -577,23 +473,21 @@ class Loader:
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Validation: tokens, token-frequency buckets, loss summary
+# 5. Validation tokens
 # ------------------------------------------------------------------------------------------------
 
 
 def load_validation(sources, enc, seq_len, n_tokens, rows, n_devices=1):
     """The first ~n_tokens tokens of the validation data, unshuffled, as fixed batches of `rows`
     sequences: the same tokens and shapes at every evaluation. -> {"batches", "tokens", "bytes"}."""
-    stream = BatchStream(sources, enc, seq_len, batch_size=1, shuffle_buffer=0, loop=False)
-    wanted = math.ceil(n_tokens / seq_len)
-    sequences = list(itertools.takewhile(lambda s: s is not None,
-                                         (stream.next_sequence() for _ in range(wanted))))
-    rows = min(rows, len(sequences) // n_devices * n_devices)
+    stream = unshuffled(sources, enc, seq_len)
+    found = list(itertools.islice(sequences(stream), math.ceil(n_tokens / seq_len)))
+    rows = min(rows, len(found) // n_devices * n_devices)
     if rows == 0:
-        held = sum(map(len, sequences)) + len(stream.pending)
+        held = sum(map(len, found)) + len(stream.pending)
         raise DataError(f"the validation data ({sources[0]}, ...) holds {held} tokens, fewer than {n_devices} "
                         f"sequence(s) of --seq-len + 1 = {seq_len + 1}; pass more --val-data or a lower --seq-len")
-    tokens = np.stack(sequences[:len(sequences) // rows * rows])  # (N, T+1)
+    tokens = np.stack(found[:len(found) // rows * rows])  # (N, T+1)
     ids, counts = np.unique(tokens[:, 1:], return_counts=True)
     # bits per byte count the UTF-8 bytes of the text; EOT, a separator, stands for none
     n_bytes = sum(int(c) * len(enc.decode_single_token_bytes(int(i))) for i, c in zip(ids, counts)
@@ -603,68 +497,3 @@ def load_validation(sources, enc, seq_len, n_tokens, rows, n_devices=1):
     size = lv.bucket_size(max(len(np.unique(c[:, :-1])) for c in chunks), n_devices)
     batches = [lv.prepare_batch(c, n_devices, size=size) for c in chunks]
     return {"batches": batches, "tokens": int(tokens[:, 1:].size), "bytes": n_bytes}
-
-
-def frequency_buckets(counts, n_buckets=N_BUCKETS):
-    """Bucket of every vocabulary id by training frequency: counts (V,) -> (V,) ints in [0, n_buckets).
-
-    Ids sorted by count (descending, ties by id) are cut into n_buckets runs of equal token mass: an
-    id goes to bucket floor(n_buckets * (mass of the ids before it) / total mass). Bucket 0 holds the
-    most frequent ids; the last holds the rarest and every id never seen. A very frequent id can leave
-    the bucket after it empty."""
-    counts = np.asarray(counts, np.int64)
-    order = np.lexsort((np.arange(len(counts)), -counts))  # by count descending, then by id
-    mass_before = np.cumsum(counts[order]) - counts[order]
-    buckets = np.empty(len(counts), np.int64)
-    buckets[order] = mass_before * n_buckets // max(int(counts.sum()), 1)
-    buckets[counts == 0] = n_buckets - 1
-    return buckets
-
-
-def bucket_means(losses, which):
-    """Mean loss and token count per bucket, `which` giving each token's bucket: (lists of N_BUCKETS)."""
-    tokens = np.bincount(which, minlength=N_BUCKETS)
-    sums = np.bincount(which, weights=losses, minlength=N_BUCKETS)
-    return [float(s / n) if n else None for s, n in zip(sums, tokens)], [int(n) for n in tokens]
-
-
-def loss_summary(losses, targets, buckets, n_bytes, inputs=None):
-    """Per-token losses, their targets (and inputs) -> val_loss (nats/token), val_bpb and the loss per
-    frequency bucket of the target token (val_bucket_*: the output side) and of the input token
-    (val_input_bucket_*: the side the generator changes). Each view's token-weighted mean is val_loss."""
-    losses, targets = np.asarray(losses, np.float64).ravel(), np.asarray(targets).ravel()
-    summary = {"val_loss": float(losses.mean()),
-               "val_bpb": float(losses.sum() / n_bytes / math.log(2)) if n_bytes else None}
-    summary["val_bucket_loss"], summary["val_bucket_tokens"] = bucket_means(losses, buckets[targets])
-    if inputs is not None:
-        which = buckets[np.asarray(inputs).ravel()]
-        summary["val_input_bucket_loss"], summary["val_input_bucket_tokens"] = bucket_means(losses, which)
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. Loader throughput (bench.py --loader prints it)
-# ------------------------------------------------------------------------------------------------
-
-
-def loader_throughput(paths, encoding="o200k_base", seq_len=512, batch_size=512, seconds=20.0,
-                      max_batches=None, shuffle_buffer=SHUFFLE_BUFFER, seed=0, threads=1):
-    """Tokens/s of the whole loader (decompress, parse, tokenize, pack, shuffle, prepare_batch, state)
-    on the calling thread, once the shuffle buffer is full (the fill is timed apart). Stops after
-    `seconds` or `max_batches`, whichever comes first."""
-    enc = tokenizer(encoding) if isinstance(encoding, str) else encoding
-    stream = BatchStream(resolve_sources(paths, "--data"), enc, seq_len, batch_size, seed, shuffle_buffer,
-                         lv.padded_vocab(enc), threads=threads)
-    t0 = time.perf_counter()
-    produce(stream, 1)
-    t1 = time.perf_counter()
-    for n in itertools.count(1):
-        produce(stream, 1)
-        elapsed = time.perf_counter() - t1
-        if (max_batches is not None and n >= max_batches) or (seconds is not None and elapsed >= seconds):
-            break
-    tokens = n * batch_size * (seq_len + 1)
-    return {"tokens_per_s": tokens / elapsed, "batches": n, "tokens": tokens, "seconds": elapsed,
-            "fill_seconds": t1 - t0, "epochs": stream.epoch, "bad_lines": stream.bad_lines,
-            "threads": threads, "tokenizer": enc.name, "seq_len": seq_len, "batch_size": batch_size}
-

@@ -570,7 +570,7 @@ def init_state(key, cfg, mesh=None):
 # 7. Distinct-id batches
 #
 # speed: the generator depends on the token id alone, so a step needs it once per distinct id. The
-# loader (on the host, in a background thread) turns packed sequences into a batch dict:
+# host turns packed sequences into a batch dict while the device runs the steps before it:
 #   ids      (U,)    sorted distinct input ids, padded to a size bucket so shapes stay static
 #   inverse  (B, T)  position -> index into ids, so the embeddings are table[inverse]
 #   targets  (B, T)  next token at each position
@@ -719,29 +719,30 @@ def print_every(n):
     """An on_step for train_loop that prints the loss at the first step and every n steps."""
     start = time.perf_counter()
 
-    def on_step(step, metrics, state, info):
+    def on_step(step, metrics, state, info, todo):
         if step == 1 or step % n == 0:
             print(f"step {step:5d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
                   f"grad norm {metrics['grad_norm']:.3f} | {time.perf_counter() - start:.1f}s", flush=True)
     return on_step
 
 
-def train_loop(state, batches, step_fn, steps, on_step, wants_state=lambda step: False, mesh=None):
+def train_loop(state, batches, step_fn, steps, on_step, due=lambda step: (), needs_state=(), mesh=None):
     """Run up to `steps` optimizer steps on an iterator of host batches; returns the final state.
 
     batches: batch dicts (section 7), or (batch, info) pairs whose info is handed to on_step.
-    on_step(step, metrics, state, info) runs after every step, with metrics as Python floats (loss,
-    lr, grad_norm). The device never waits for the host: a step's metrics are read only after the
-    next step is dispatched, and state is then None (it has been handed on). Where wants_state(step)
-    is true (to evaluate, checkpoint or stop), at the last step, and before an error from `batches`
-    propagates, the loop waits for that step and passes its state.
+    due(step) says what the caller will do after a step (e.g. {"log", "checkpoint"}): asked once per
+    step, as soon as it is dispatched, and handed over as on_step(step, metrics, state, info, todo),
+    with metrics as Python floats (loss, lr, grad_norm). The device never waits for the host: a step's
+    metrics are read only after the next step is dispatched, and state is then None (it has been handed
+    on). Where todo meets `needs_state` (to evaluate, checkpoint or stop), at the last step, and before
+    an error from `batches` propagates, the loop waits for that step and passes its state.
     """
     start = step = int(state["step"])
-    unreported = None  # (step, metrics, info) of a step dispatched but not yet handed to on_step
+    unreported = None  # (step, metrics, info, todo) of a step dispatched but not yet handed to on_step
 
     def report(record, state):
-        step, metrics, info = record
-        on_step(step, {k: float(v) for k, v in jax.device_get(metrics).items()}, state, info)
+        step, metrics, info, todo = record
+        on_step(step, {k: float(v) for k, v in jax.device_get(metrics).items()}, state, info, todo)
 
     batches = prefetch_to_device(batches, mesh)
     while step < start + steps:
@@ -757,8 +758,9 @@ def train_loop(state, batches, step_fn, steps, on_step, wants_state=lambda step:
         step += 1
         if unreported:
             report(unreported, None)  # the previous step, finished by now: no stall
-        unreported = (step, metrics, info)
-        if step == start + steps or wants_state(step):
+        todo = set(due(step))
+        unreported = (step, metrics, info, todo)
+        if step == start + steps or todo & set(needs_state):
             report(unreported, state)  # waits for this step
             unreported = None
     if unreported:  # the batches ran out before `steps`
@@ -861,8 +863,10 @@ def sample(params, cfg, prompt_ids, n_new, key, temperature=1.0, top_k=0, n_vali
     of them); temperature 0 takes the argmax. Ids from n_valid on (the vocabulary's padding) are never
     drawn. The model sees at most the last cfg.seq_len tokens. Shapes are static: the tokens live in
     a fixed buffer and every step runs `forward` on a seq_len window of it (no KV cache: simple, and
-    fast enough for these sizes)."""
+    fast enough for these sizes). An empty prompt is refused: the model would condition on padding."""
     P, T = prompt_ids.shape[0], cfg.seq_len
+    if P == 0:
+        raise ValueError("the prompt is empty; give at least one token (the end-of-text token starts a new document)")
     buffer = jnp.zeros(max(P + n_new, T), jnp.int32).at[:P].set(prompt_ids)  # prompt, then new tokens
 
     def next_token(i, buffer):

@@ -5,7 +5,7 @@ Usage:
 
 A RUN_DIR holds config.json and log.jsonl as written by train.py; any other
 folder is searched for run folders below it. Figures and summary.md go to --out
-(default: a "plots" folder next to the first run folder found):
+(default: plots/ in the current folder, which git ignores):
 
     loss_curves    validation loss and the gap (dense minus Leviathan) against tokens
     scaling        final loss against parameters with L(N) = A N^-alpha + b fitted to
@@ -25,7 +25,6 @@ table (without the notes) goes to stdout. Legends sit outside the axes, so they
 cover no data. Exit status 0 when at least one run was read, 1 when none was, 2
 for a bad command line. Needs numpy and matplotlib only.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,6 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from machinery import cli  # noqa: E402
 
 PAPER_B = 1.69
 PAPER_POINTS = [(109e6, 230e6), (421e6, 725e6)]  # (Leviathan params, dense params with equal loss)
@@ -614,32 +615,12 @@ def notes_markdown():
 
 # ---------------------------------------------------------------- main
 
-def loss_floor(text):
-    """--b's value: a finite number >= 0, else an error sentence naming --b and its range."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not np.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"it must be a finite number >= 0 (the fits' loss floor in "
-                                         f"nats/token), not {text!r}")
-    return value
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """A bad command line in one sentence (exit status 2), not argparse's usage block."""
-
-    def error(self, message):
-        print(f"error: {message}; see python plot.py --help.", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv):
-    parser = OneLineParser(prog="plot.py", description=__doc__.split("\n")[0])
+    parser = cli.OneLineParser(prog="plot.py", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders, or folders that contain run folders")
-    parser.add_argument("--out", help="output folder (default: 'plots' next to the first run)")
+    parser.add_argument("--out", default="plots", help="output folder")
     parser.add_argument("--format", choices=["png", "pdf", "svg"], default="png", help="figure format")
-    parser.add_argument("--b", type=loss_floor, default=PAPER_B,
+    parser.add_argument("--b", type=cli.number(0, whole=False), default=PAPER_B,
                         help="the fits' fixed loss floor, a finite number >= 0 (default 1.69)")
     parser.add_argument("--free-b", action="store_true", help="fit b too instead of --b's fixed floor")
     return parser.parse_args(argv)
@@ -664,7 +645,7 @@ def main(argv=None):
         print(f"error: found no readable run folder (config.json + log.jsonl) in {' '.join(args.runs)}.",
               file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else runs[0]["dir"].parent / "plots"
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"loss_curves": lambda: loss_curves_figure(pairs),
                "scaling": lambda: scaling_figure(runs, laws),

@@ -11,34 +11,24 @@ import argparse
 import os
 import sys
 
+import jax
 import numpy as np
 
 import data
-import jax
 import leviathan as lv
-from data import UserError
-
-
-def temperature(text):
-    """An argparse type: a finite number of 0 or more (0: always the most likely token)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, not {text!r}")
-    return value
+from machinery import cli
+from machinery.cli import UserError, number
 
 
 def parse_args(argv=None):
-    p = data.OneLineParser(prog="sample.py", description="Print what a trained run writes.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.OneLineParser(prog="sample.py", description="Print what a trained run writes.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR", help="a run folder of train.py (it holds params.npz)")
     p.add_argument("--prompt", default="The", help="the text to continue ('': start a new document)")
-    p.add_argument("--tokens", type=data.whole(1), default=100, help="tokens to write")
-    p.add_argument("--temperature", type=temperature, default=1.0, help="0: greedy, higher: more random")
-    p.add_argument("--top-k", type=data.whole(0), default=200, help="draw from the k most likely (0: all)")
-    p.add_argument("--seed", type=data.whole(0), default=0, help="the same seed gives the same text")
+    p.add_argument("--tokens", type=number(1), default=100, help="tokens to write")
+    p.add_argument("--temperature", type=number(0, whole=False), default=1.0, help="0: greedy, higher: more random")
+    p.add_argument("--top-k", type=number(0), default=200, help="draw from the k most likely (0: all)")
+    p.add_argument("--seed", type=number(0), default=0, help="the same seed gives the same text")
     return p.parse_args(argv)
 
 
@@ -67,6 +57,7 @@ def encode_prompt(enc, prompt):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.use_compile_cache()
     try:
         params, cfg, enc = load_run(args.run)
         prompt = encode_prompt(enc, args.prompt)
