@@ -113,9 +113,9 @@ def test_a_signal_at_the_last_step_says_the_run_is_complete(tmp_path, monkeypatc
                     loader=None, tally=None, first=None, signals=types.SimpleNamespace(received=signal.SIGTERM))
     metrics, info = {"loss": 2.0, "grad_norm": 1.0}, ({}, 1)
     assert train.due(run, 3) == {"checkpoint", "stop"} and train.due(run, 4) == {"log", "eval", "checkpoint", "stop"}
-    with pytest.raises(train.Stopped, match="SIGTERM after step 4, the last: the run is complete and saved"):
+    with pytest.raises(processes.Stopped, match="SIGTERM after step 4, the last: the run is complete and saved"):
         train.on_step(run, 4, metrics, {"params": {}}, info, {"checkpoint", "stop"})
-    with pytest.raises(train.Stopped, match="step 3, which is checkpointed; rerun .* --resume"):
+    with pytest.raises(processes.Stopped, match="step 3, which is checkpointed; rerun .* --resume"):
         train.on_step(run, 3, metrics, {"params": {}}, info, {"checkpoint", "stop"})
     assert saved == [4, 3]
 

@@ -27,13 +27,18 @@ import signal
 import sys
 import time
 
-import jax
+from machinery import cli  # no JAX in it: quick to load
 
-import data
-import evaluate
-import leviathan as lv
-from machinery import checks, cli, processes, run_folder
-from machinery.cli import BadFlag, UserError, number
+if __name__ == "__main__":  # a Ctrl-C while JAX loads (seconds) ends in one sentence too
+    signal.signal(signal.SIGINT, cli.interrupted)
+
+import jax  # noqa: E402
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import leviathan as lv  # noqa: E402
+from machinery import checks, processes, run_folder  # noqa: E402
+from machinery.cli import BadFlag, UserError, number  # noqa: E402
 
 TOKENS_PER_PARAM = 20  # default length: 20 training tokens per parameter of the dense twin
 WARMUP_FRACTION = 0.02  # default warmup: 2% of the steps
@@ -267,10 +272,6 @@ def batches(run):
 NEEDS_STATE = {"eval", "checkpoint", "stop"}  # what needs the train state itself, not only the metrics
 
 
-class Stopped(UserError):
-    code = 130  # as a shell reports Ctrl-C
-
-
 def due(run, step):
     """What happens after `step`, decided here and nowhere else: a subset of {"log", "eval", "checkpoint",
     "stop"}. Several processes vote on a signal, so that a signal to any stops them all at this step."""
@@ -353,7 +354,7 @@ def on_step(run, step, metrics, state, info, todo):
         save(run, step, state, data_state)
     if state is not None and "stop" in todo:
         by = signal.Signals(run.signals.received).name if run.signals.received else "a signal to another process"
-        raise Stopped(f"stopped by {by} after step {step}, " + (
+        raise processes.Stopped(f"stopped by {by} after step {step}, " + (
             "the last: the run is complete and saved" if step == run.cfg.steps else
             "which is checkpointed; rerun the same command with --resume to continue"))
 
@@ -392,8 +393,6 @@ def main(argv=None):
             raise
         processes.exit_now(f"a collective between the processes failed ({str(e).splitlines()[0][:120]}), so one has "
                         "probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
-    except KeyboardInterrupt:  # before training started (its signals are handled by processes.Signals)
-        processes.exit_now("interrupted before training started; there was nothing to save", 130)
 
 
 if __name__ == "__main__":

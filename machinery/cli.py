@@ -7,6 +7,7 @@ the compilation cache).
     number(...)        the one argparse type for numbers: whole or real, with its range
     config_setting     --set FIELD=VALUE for any field of leviathan.Config, parsed by the field's type
     use_compile_cache  JAX's persistent compilation cache, so a rerun does not compile again
+    interrupted        a Ctrl-C before training starts: one sentence, exit 130
 """
 
 import argparse
@@ -103,3 +104,10 @@ def use_compile_cache():
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return folder
+
+
+def interrupted(signum, frame):
+    """A Ctrl-C before training starts (loading JAX, reading data, compiling): one sentence, exit 130.
+    os._exit: no interpreter teardown under XLA's or the tokenizer's threads, which can crash."""
+    print("error: interrupted before training started; there was nothing to save", file=sys.stderr, flush=True)
+    os._exit(130)

@@ -33,6 +33,12 @@ def exit_now(message, code):
     os._exit(code)
 
 
+class Stopped(UserError):
+    """A run stopped by a signal, after a step that was saved."""
+
+    code = 130  # as a shell reports Ctrl-C
+
+
 class Signals:
     """Ctrl-C and SIGTERM while training. The first is answered at once: the run stops after the step
     in progress and saves it. A second stops the run now; the last checkpoint, always written whole,
@@ -202,11 +208,12 @@ class Shares:
         for s in local.values():
             documents.update({k: documents.get(k, 0) + v for k, v in s["documents"].items()})
         return {"epoch": max(s["epoch"] for s in local.values()), "documents": documents,
-                "bad_lines": sum(s["bad_lines"] for s in local.values()), "shares": local}
+                "bad_lines": sum(s["bad_lines"] for s in local.values()),
+                "shares": {str(p): s for p, s in local.items()}}  # str: JSON's keys, in a checkpoint
 
     def load_state(self, state):
         for p, stream in self.shares.items():
-            stream.load_state(state["shares"][p])
+            stream.load_state(state["shares"][str(p)])
 
 
 def join(args):
