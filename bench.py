@@ -44,15 +44,40 @@ def real_tokens(paths, n_seqs, seq_len):
     return np.stack([next(stream) for _ in range(n_seqs)]).astype(np.int32)
 
 
-def time_steps(step, state, batch, n_steps):
-    """Mean seconds per step of an already compiled step, after one warm-up step."""
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
+def prepare_model(cfg, host_batch):
+    """Initial state, device batch and compiled step of one model, with its compile time."""
+    state = lv.init_state(jax.random.key(0), cfg)
+    batch = lv.shard_batch(host_batch)
+    start = time.perf_counter()
+    compiled = lv.make_train_step(cfg).lower(state, batch).compile()
+    return {"cfg": cfg, "state": state, "batch": batch, "step": compiled,
+            "compile_s": time.perf_counter() - start, "memory": compiled.memory_analysis()}
+
+
+def time_steps(model, n_steps):
+    """Mean seconds per step of n_steps optimizer steps of a prepared model (its state carried on)."""
     start = time.perf_counter()
     for _ in range(n_steps):
-        state, metrics = step(state, batch)
+        model["state"], metrics = model["step"](model["state"], model["batch"])
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / n_steps, state
+    return (time.perf_counter() - start) / n_steps
+
+
+MIN_ROUNDS, MAX_ROUNDS = 3, 50  # --rounds 0: as many as fit --budget, within these bounds
+
+
+def interleaved_rounds(models, n_steps, rounds, budget_s):
+    """Seconds per step of each model, one list per model, timed round by round: n_steps of one model,
+    then n_steps of the other, the order alternating (A B, B A, A B, ...), so both see the same load
+    on the machine. After one warm-up step each; rounds 0: as many as fit budget_s seconds."""
+    warm = [time_steps(m, 1) for m in models]
+    if not rounds:
+        rounds = int(min(max(budget_s // (n_steps * sum(warm)), MIN_ROUNDS), MAX_ROUNDS))
+    times = [[] for _ in models]
+    for r in range(rounds):
+        for i in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
+            times[i].append(time_steps(models[i], n_steps))
+    return times
 
 
 def generator_seconds(cfg, params, ids, n_steps):
@@ -72,28 +97,58 @@ def generator_seconds(cfg, params, ids, n_steps):
     return (time.perf_counter() - start) / n_steps
 
 
-def bench_model(cfg, host_batch, n_distinct, n_steps):
-    """Compile, warm up and time one model; returns a dict of figures."""
-    state = lv.init_state(jax.random.key(0), cfg)
-    batch = lv.shard_batch(host_batch)
-    step = lv.make_train_step(cfg)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    step_s, state = time_steps(compiled, state, batch, n_steps)
-    n_tokens = host_batch["targets"].size
+def figures(model, seconds, n_tokens, n_distinct, n_steps):
+    """The printed figures of one timed model: median step time of the rounds, and the rest."""
+    cfg, state, memory = model["cfg"], model["state"], model["memory"]
+    step_s = float(np.median(seconds))
     peak = lv.peak_flops()
     stats = jax.devices()[0].memory_stats() or {}
     return {
-        "model": cfg.model, "params": lv.count_params(state["params"]), "compile_s": compile_s,
-        "ms_per_step": 1e3 * step_s, "tok_per_s": n_tokens / step_s,
+        "model": cfg.model, "params": lv.count_params(state["params"]), "compile_s": model["compile_s"],
+        "ms_per_step": 1e3 * step_s, "rounds_ms": [1e3 * s for s in seconds], "tok_per_s": n_tokens / step_s,
         "mfu": lv.flops_per_step(cfg, n_tokens, n_distinct) / step_s / peak if peak else None,
-        "generator_share": generator_seconds(cfg, state["params"], batch["ids"], n_steps) / step_s,
+        "generator_share": generator_seconds(cfg, state["params"], model["batch"]["ids"], n_steps) / step_s,
         "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None,
         "compiled_mem_gb": (memory.temp_size_in_bytes + memory.argument_size_in_bytes
                             + memory.output_size_in_bytes) / 1e9 if memory else None,
     }
+
+
+# Clipping (square, sum, scale) and AdamW (two moments, bias correction, square root, divide, weight
+# decay, learning rate, update): about 20 floating-point operations per parameter and step.
+OPTIMIZER_FLOPS = 20
+
+
+def step_flops(cfg, n_tokens, n_ids):
+    """FLOPs the compiled train step does, by the model's own count: lv.flops_per_step, plus the
+    forward passes recomputed in the backward pass (each block under cfg.remat; each generator head,
+    always), plus the optimizer's. n_ids: the padded distinct ids, every one of which is computed.
+    Elementwise work (norms, softmax, spline basis, product) is not counted, in either model."""
+    D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
+    flops = lv.flops_per_step(cfg, n_tokens, n_ids)
+    if cfg.remat:  # one more forward of every block: 2 per parameter-token, 4 L T D per token for attention
+        flops += (2 * L * (4 * D * D + 3 * D * F) + 4 * L * cfg.seq_len * D) * n_tokens
+    flops += lv.flops_per_step(cfg, 0, n_ids) / 3  # the generator's share (6 per parameter-id) + 2
+    return flops + OPTIMIZER_FLOPS * lv.count_params(lv.param_shapes(cfg))
+
+
+def flop_limit(cfgs, n_tokens, n_ids):
+    """The Leviathan / dense step-time ratio that the work alone allows: their step_flops' ratio."""
+    flops = {cfg.model: step_flops(cfg, n_tokens, n_ids) for cfg in cfgs}
+    return flops["leviathan"] / flops["dense"]
+
+
+def ratio_summary(results):
+    """Leviathan / dense step time, round by round (the two models of a round timed side by side):
+    (median, min, max, rounds)."""
+    ratios = np.array(results["leviathan"]["rounds_ms"]) / np.array(results["dense"]["rounds_ms"])
+    return float(np.median(ratios)), float(ratios.min()), float(ratios.max()), len(ratios)
+
+
+def ratio_line(results, limit):
+    median, low, high, rounds = ratio_summary(results)
+    return (f"Leviathan / dense step time: {median:.3f}x (median of {rounds} interleaved rounds, "
+            f"min {low:.3f}x, max {high:.3f}x; FLOP limit {limit:.3f}x)")
 
 
 def show(value, fmt):
@@ -110,7 +165,8 @@ TABLE_HEADER = ("| model | params | compile s | ms/step | tokens/s | MFU | gener
                 "peak memory GB | compiled memory GB |\n|---|---|---|---|---|---|---|---|---|")
 
 
-def run_models(args):
+def model_batch(args):
+    """The configs of args.models and one host batch for them all, with its count of distinct ids."""
     overrides = dict(seq_len=args.seq_len, batch_size=args.batch_size,
                      micro_batch=args.micro_batch, attention=args.attention)
     if args.dtype:
@@ -125,14 +181,24 @@ def run_models(args):
     print(f"{args.size}: batch {args.batch_size} x {args.seq_len} tokens (micro-batch "
           f"{args.micro_batch or args.batch_size}), {n_distinct:,} distinct ids -> bucket "
           f"{len(host_batch['ids']):,}, dtype {cfgs[0].dtype}, {jax.devices()[0].device_kind}")
+    return cfgs, host_batch, n_distinct
+
+
+def run_models(args):
+    cfgs, host_batch, n_distinct = model_batch(args)
+    models = [prepare_model(cfg, host_batch) for cfg in cfgs]
+    seconds = interleaved_rounds(models, args.steps, args.rounds, args.budget)
+    n_tokens = host_batch["targets"].size
     print(TABLE_HEADER)
     results = {}
-    for cfg in cfgs:
-        r = results[cfg.model] = bench_model(cfg, host_batch, n_distinct, args.steps)
+    for model, s in zip(models, seconds):
+        r = results[model["cfg"].model] = figures(model, s, n_tokens, n_distinct, args.steps)
         print(result_row(r), flush=True)
     if len(results) == 2:
-        ratio = results["leviathan"]["ms_per_step"] / results["dense"]["ms_per_step"]
-        print(f"Leviathan / dense step time: {ratio:.3f}x")
+        limit = flop_limit(cfgs, n_tokens, len(host_batch["ids"]))
+        for r in results.values():
+            r["flop_limit"] = limit
+        print(ratio_line(results, limit))
     return results
 
 
@@ -169,10 +235,13 @@ def run_report(args):
             lines += [f"## {size}: out of device memory at micro-batch {micro}; rerun this size with "
                       f"--sizes {size} after lowering its micro-batch in bench.REPORT", ""]
             continue
-        ratio = r["leviathan"]["ms_per_step"] / r["dense"]["ms_per_step"]
+        ratio, low, high, rounds = ratio_summary(r)
+        limit = r["leviathan"]["flop_limit"]
         lines += [f"## {size}: {batch} x {seq_len} tokens per step, micro-batch {micro}", "", TABLE_HEADER,
-                  *(result_row(x) for x in r.values()), "", f"Leviathan / dense step time: **{ratio:.3f}x**", ""]
-        ratios.append(f"{size} {ratio:.3f}x")
+                  *(result_row(x) for x in r.values()), "",
+                  f"Leviathan / dense step time: **{ratio:.3f}x** (median of {rounds} interleaved rounds, "
+                  f"min {low:.3f}x, max {high:.3f}x; FLOP limit {limit:.3f}x)", ""]
+        ratios.append(f"{size} {ratio:.3f}x ({low:.3f}-{high:.3f}, limit {limit:.3f}x)")
     lines.append(f"Ratios: {', '.join(ratios)}.")
     text = "\n".join(lines) + "\n"
     with open(args.report_file, "w") as f:
@@ -203,7 +272,9 @@ def make_parser():
     add("--batch-size", type=whole(1), default=8, help="sequences per optimizer step")
     add("--micro-batch", type=whole(0), default=0, help="sequences per pass, dividing the batch (0: all)")
     add("--seq-len", type=whole(1), default=512)
-    add("--steps", type=whole(1), default=5, help="timed steps per model")
+    add("--steps", type=whole(1), default=1, help="timed steps per model and round")
+    add("--rounds", type=whole(0), default=0, help="interleaved rounds (0: as many as fit --budget, 3 or more)")
+    add("--budget", type=data.positive, default=120.0, help="--rounds 0: seconds of timed rounds per shape")
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
     add("--attention", default="xla", choices=lv.ATTENTION)
     add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
