@@ -1,17 +1,24 @@
 """Benchmark: Leviathan against its dense twin, in one process, and the data loader alone.
 
-    python bench.py --size 60M --batch-size 8 --micro-batch 8       # model step time, both models
-    python bench.py --size 421M --batch-size 64 --micro-batch 16    # on a GPU (bfloat16 by default)
-    python bench.py --report                                         # the whole accelerator check
-    python bench.py --loader                                         # data loader tokens/s
+    python bench.py --size 60M --batch-size 4 --seq-len 512                 # model step time, both models
+    python bench.py --size 421M --batch-size 64 --micro-batch 16            # on a GPU (bfloat16 by default)
+    python bench.py --size 60M --batch-size 4 --seq-len 512 --breakdown     # both steps, part by part
+    python bench.py --report                                                 # the whole accelerator check
+    python bench.py --loader                                                 # data loader tokens/s
     python bench.py --loader --data ../shared/minipile/00.jsonl.zst ../shared/minipile/01.jsonl.zst
 
-Model mode runs warm-up then timed optimizer steps on synthetic batches whose ids follow a Zipf law
-(about as many distinct ids per batch as real text; or real tokens with --data) and prints, per
-model: compile time, ms/step, tokens/s, MFU (where the device's peak is known), the generator's
-share of the step, peak device memory (where the backend reports it: the process's peak so far, so
-a later model's figure can include an earlier one's) and XLA's compiled memory for the step (the
-per-model figure); then the Leviathan/dense step-time ratio.
+Model mode times the two models interleaved: after a warm-up step each, rounds of --steps steps of one
+model then the other, the order alternating, as many rounds as fit --budget seconds (or --rounds), so
+that both see the same load on the machine. Batches are synthetic, with ids that follow a Zipf law
+(about as many distinct ids per batch as real text; or real tokens with --data). It prints, per model:
+compile time, the median ms/step of the rounds (wall clock, and the process's CPU time, which other
+programs disturb less), tokens/s, MFU (where the device's peak is known), the generator's share of the
+step, peak device memory (where the backend reports it: the process's peak so far) and XLA's compiled
+memory for the step; then the Leviathan/dense step-time ratio as the median of the per-round ratios
+with their min and max, beside the FLOP limit: the ratio the work alone allows (step_flops).
+
+--breakdown times both steps cut into parts (body, head and loss, gathers, generator or table lookup,
+AdamW) and whole, and prints a markdown table with each part's wall and CPU time and fresh memory.
 
 --report runs the whole check in one command (at most ~8 minutes on one H200): 60M and 421M, both
 models, the paper's 512 x 512-token batch with a micro-batch that fits, Zipf ids, bfloat16; it prints
@@ -21,10 +28,15 @@ a markdown report (device, JAX version, every figure above, the ratios) and writ
 
 import argparse
 import datetime
+import functools
+import os
+import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 import data
 import leviathan as lv
@@ -55,22 +67,24 @@ def prepare_model(cfg, host_batch):
 
 
 def time_steps(model, n_steps):
-    """Mean seconds per step of n_steps optimizer steps of a prepared model (its state carried on)."""
-    start = time.perf_counter()
+    """Mean seconds per step of n_steps optimizer steps of a prepared model (its state carried on):
+    (wall-clock, CPU). CPU seconds are the process's, all threads, user and system: the work done,
+    which other programs on the machine disturb less than the wall clock."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(n_steps):
         model["state"], metrics = model["step"](model["state"], model["batch"])
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / n_steps
+    return (time.perf_counter() - start) / n_steps, (time.process_time() - start_cpu) / n_steps
 
 
 MIN_ROUNDS, MAX_ROUNDS = 3, 50  # --rounds 0: as many as fit --budget, within these bounds
 
 
 def interleaved_rounds(models, n_steps, rounds, budget_s):
-    """Seconds per step of each model, one list per model, timed round by round: n_steps of one model,
+    """(wall, CPU) seconds per step of each model, one list per model, round by round: n_steps of one model,
     then n_steps of the other, the order alternating (A B, B A, A B, ...), so both see the same load
     on the machine. After one warm-up step each; rounds 0: as many as fit budget_s seconds."""
-    warm = [time_steps(m, 1) for m in models]
+    warm = [time_steps(m, 1)[0] for m in models]
     if not rounds:
         rounds = int(min(max(budget_s // (n_steps * sum(warm)), MIN_ROUNDS), MAX_ROUNDS))
     times = [[] for _ in models]
@@ -97,15 +111,18 @@ def generator_seconds(cfg, params, ids, n_steps):
     return (time.perf_counter() - start) / n_steps
 
 
-def figures(model, seconds, n_tokens, n_distinct, n_steps):
+def figures(model, times, n_tokens, n_distinct, n_steps):
     """The printed figures of one timed model: median step time of the rounds, and the rest."""
     cfg, state, memory = model["cfg"], model["state"], model["memory"]
+    seconds, cpu_seconds = zip(*times)
     step_s = float(np.median(seconds))
     peak = lv.peak_flops()
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "model": cfg.model, "params": lv.count_params(state["params"]), "compile_s": model["compile_s"],
-        "ms_per_step": 1e3 * step_s, "rounds_ms": [1e3 * s for s in seconds], "tok_per_s": n_tokens / step_s,
+        "ms_per_step": 1e3 * step_s, "rounds_ms": [1e3 * s for s in seconds],
+        "cpu_ms_per_step": 1e3 * float(np.median(cpu_seconds)), "rounds_cpu_ms": [1e3 * s for s in cpu_seconds],
+        "tok_per_s": n_tokens / step_s,
         "mfu": lv.flops_per_step(cfg, n_tokens, n_distinct) / step_s / peak if peak else None,
         "generator_share": generator_seconds(cfg, state["params"], model["batch"]["ids"], n_steps) / step_s,
         "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None,
@@ -138,17 +155,19 @@ def flop_limit(cfgs, n_tokens, n_ids):
     return flops["leviathan"] / flops["dense"]
 
 
-def ratio_summary(results):
+def ratio_summary(results, key="rounds_ms"):
     """Leviathan / dense step time, round by round (the two models of a round timed side by side):
-    (median, min, max, rounds)."""
-    ratios = np.array(results["leviathan"]["rounds_ms"]) / np.array(results["dense"]["rounds_ms"])
+    (median, min, max, rounds). key "rounds_cpu_ms": the same for CPU time."""
+    ratios = np.array(results["leviathan"][key]) / np.array(results["dense"][key])
     return float(np.median(ratios)), float(ratios.min()), float(ratios.max()), len(ratios)
 
 
 def ratio_line(results, limit):
     median, low, high, rounds = ratio_summary(results)
+    cpu, cpu_low, cpu_high, _ = ratio_summary(results, "rounds_cpu_ms")
     return (f"Leviathan / dense step time: {median:.3f}x (median of {rounds} interleaved rounds, "
-            f"min {low:.3f}x, max {high:.3f}x; FLOP limit {limit:.3f}x)")
+            f"min {low:.3f}x, max {high:.3f}x; CPU time {cpu:.3f}x, {cpu_low:.3f}x-{cpu_high:.3f}x; "
+            f"FLOP limit {limit:.3f}x)")
 
 
 def show(value, fmt):
@@ -157,12 +176,26 @@ def show(value, fmt):
 
 def result_row(r):
     return (f"| {r['model']} | {r['params']:,} | {r['compile_s']:.1f} | {r['ms_per_step']:.1f} | "
+            f"{r['cpu_ms_per_step']:.0f} | "
             f"{r['tok_per_s']:,.0f} | {show(r['mfu'], '.1%')} | {r['generator_share']:.1%} | "
             f"{show(r['peak_mem_gb'], '.2f')} | {show(r['compiled_mem_gb'], '.2f')} |")
 
 
-TABLE_HEADER = ("| model | params | compile s | ms/step | tokens/s | MFU | generator share | "
-                "peak memory GB | compiled memory GB |\n|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| model | params | compile s | ms/step | CPU ms/step | tokens/s | MFU | generator share | "
+                "peak memory GB | compiled memory GB |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def memory_pages():
+    """How fresh memory reaches this process: XLA's CPU backend maps each step's temporary buffer
+    anew (GBs: the logits and their gradient), so the cost of its page faults is part of both steps.
+    Huge pages (the kernel's transparent_hugepage mode "always", or "madvise" with
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1) make that hundreds of times fewer faults."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        thp = "n/a"
+    return f"transparent huge pages: {thp}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
 
 
 def model_batch(args):
@@ -171,6 +204,8 @@ def model_batch(args):
                      micro_batch=args.micro_batch, attention=args.attention)
     if args.dtype:
         overrides["dtype"] = args.dtype
+    if args.sparse_mixing:
+        overrides["sparse_mixing"] = True
     cfgs = [lv.config(args.size, model, **overrides) for model in args.models]
     if args.data:
         tokens = real_tokens(args.data, args.batch_size, args.seq_len)
@@ -180,7 +215,8 @@ def model_batch(args):
     n_distinct = int(host_batch["inverse"].max()) + 1  # ids before padding
     print(f"{args.size}: batch {args.batch_size} x {args.seq_len} tokens (micro-batch "
           f"{args.micro_batch or args.batch_size}), {n_distinct:,} distinct ids -> bucket "
-          f"{len(host_batch['ids']):,}, dtype {cfgs[0].dtype}, {jax.devices()[0].device_kind}")
+          f"{len(host_batch['ids']):,}, dtype {cfgs[0].dtype}, {jax.devices()[0].device_kind}"
+          + (f"; {memory_pages()}" if jax.default_backend() == "cpu" else ""))
     return cfgs, host_batch, n_distinct
 
 
@@ -200,6 +236,130 @@ def run_models(args):
             r["flop_limit"] = limit
         print(ratio_line(results, limit))
     return results
+
+
+def blocks(layers, x, cfg):
+    """The transformer's blocks alone, as lv.transformer runs them (scan, checkpoint): (B, T, D) -> (B, T, D)."""
+    cos, sin = lv.rope_tables(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
+    layer_fn = functools.partial(lv.block, cos=cos, sin=sin, cfg=cfg)
+    layer_fn = jax.checkpoint(layer_fn) if cfg.remat else layer_fn
+    return jax.lax.scan(lambda x, layer: (layer_fn(x, layer), None), x, layers)[0]
+
+
+def head_loss(p, x, targets, cfg):
+    """Final norm, output head and mean cross-entropy of the blocks' output x (B, T, D)."""
+    dt = jnp.dtype(cfg.dtype)
+    logits = lv.rms_norm(x, p["final_norm"], cfg.norm_eps).astype(dt) @ p["head"].astype(dt)
+    return lv.cross_entropy(logits, targets).mean()
+
+
+def backward_of(fn):
+    """fn's forward and backward, jitted: (*args) -> gradients of all args, for a cotangent of ones."""
+    def run(*args):
+        out, vjp = jax.vjp(fn, *args)
+        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))
+    return jax.jit(run)
+
+
+def step_parts(cfg, params, opt_state, batch):
+    """One model's train step cut into its parts: name -> (jitted function, arguments). Each part
+    runs its forward and backward (and recomputation) on the step's shapes, the whole batch at once."""
+    name = lv.EMBEDDING_PARAMS[cfg.model]
+    ids, inverse, targets = batch["ids"], batch["inverse"], batch["targets"]
+    table = lv.embed(params, ids, cfg)  # (U, D)
+    x = table[inverse].astype(jnp.float32)  # (B, T, D)
+    optimizer = lv.make_optimizer(cfg)
+
+    @jax.jit
+    def adamw(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+    table_part = "generator" if cfg.model == "leviathan" else "table lookup"
+    return {
+        "body": (backward_of(functools.partial(blocks, cfg=cfg)), (params["layers"], x)),
+        "head and loss": (jax.jit(jax.grad(functools.partial(head_loss, cfg=cfg), argnums=(0, 1))),
+                          ({k: params[k] for k in ("final_norm", "head")}, x, targets)),
+        "position gather": (backward_of(lambda t: t[inverse]), (table,)),
+        table_part: (backward_of(lambda p: lv.embed({name: p}, ids, cfg)), (params[name],)),
+        "AdamW": (adamw, (params, opt_state, params)),
+    }
+
+
+def time_call(fn, args):
+    """One call of fn(*args): (wall ms, CPU ms, MB of fresh memory pages it touched: minor page faults)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    new_pages = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return 1e3 * (time.perf_counter() - start), 1e3 * (time.process_time() - start_cpu), new_pages * PAGE_MB
+
+
+PAGE_MB = resource.getpagesize() / 2**20
+
+
+BREAKDOWN_ROWS = [  # (part, what it holds)
+    ("body", "blocks: forward, recomputed forward, backward"),
+    ("head and loss", "final norm, output head, cross-entropy: forward and backward"),
+    ("position gather", "table[inverse] and its gradient back to the (U, D) table"),
+    ("table lookup", "dense: the table's rows for the ids and the scatter of their gradient"),
+    ("generator", "Leviathan: the embeddings of the ids: forward, recomputed forward, backward"),
+    ("AdamW", "clipping, AdamW, update, gradient norm"),
+]
+
+
+SHARED_PARTS = ("body", "head and loss", "position gather")  # the same work in both models: timed once
+
+
+def one_step(model):
+    """A call that runs one optimizer step of a prepared model, carrying its state on."""
+    def call():
+        model["state"], metrics = model["step"](model["state"], model["batch"])
+        return metrics
+    return call
+
+
+def run_breakdown(args):
+    """Both models' steps, part by part (step_parts) and whole, timed in interleaved rounds: a table."""
+    cfgs, host_batch, _ = model_batch(args)
+    batch = lv.shard_batch(host_batch)
+    calls = {}  # (model or "both", part) -> (fn, args)
+    for cfg in cfgs:
+        state = lv.init_state(jax.random.key(0), cfg)
+        for part, call in step_parts(cfg, state["params"], state["opt_state"], batch).items():
+            calls.setdefault(("both", part) if part in SHARED_PARTS else (cfg.model, part), call)
+        calls[(cfg.model, "whole step")] = (one_step(prepare_model(cfg, host_batch)), ())
+    for fn, a in calls.values():  # compile and warm up
+        jax.block_until_ready(fn(*a))
+    rounds = args.rounds or MIN_ROUNDS
+    ms = {key: [] for key in calls}
+    for r in range(rounds):
+        for key in (list(calls) if r % 2 == 0 else reversed(list(calls))):
+            ms[key].append(time_call(*calls[key]))
+    return breakdown_table(ms, rounds)
+
+
+def breakdown_table(ms, rounds):
+    """The markdown table of run_breakdown's medians, printed; returns {model: {part: (wall ms, CPU ms, MB)}}."""
+    cell = {"dense": {}, "leviathan": {}}
+    for (who, part), values in ms.items():
+        for m in (("dense", "leviathan") if who == "both" else (who,)):
+            cell[m][part] = tuple(np.median(np.array(values), axis=0))
+    for m in cell:
+        parts = [cell[m].get(p, (0.0, 0.0, 0.0)) for p, _ in BREAKDOWN_ROWS]
+        cell[m]["sum of the parts"] = tuple(np.sum(parts, axis=0))
+        cell[m]["rest"] = tuple(np.subtract(cell[m]["whole step"], cell[m]["sum of the parts"]))
+    dense_step = cell["dense"]["whole step"][0]
+    lines = [f"Median of {rounds} interleaved rounds:", "",
+             "| part | what it holds | dense ms | Leviathan ms | Leviathan - dense | of the dense step | "
+             "CPU ms, dense / Leviathan | fresh memory MB, dense / Leviathan |", "|---|---|---|---|---|---|---|---|"]
+    for part, what in BREAKDOWN_ROWS + [("sum of the parts", ""), ("whole step", "the compiled train step"),
+                                        ("rest", "whole step - sum of the parts (fusion across parts, overheads)")]:
+        (d, d_cpu, d_mb), (v, v_cpu, v_mb) = (cell[m].get(part, (0.0, 0.0, 0.0)) for m in ("dense", "leviathan"))
+        lines.append(f"| {part} | {what} | {d:,.0f} | {v:,.0f} | {v - d:+,.0f} | {(v - d) / dense_step:+.1%} | "
+                     f"{d_cpu:,.0f} / {v_cpu:,.0f} | {d_mb:,.0f} / {v_mb:,.0f} |")
+    print("\n".join(lines))
+    return cell
 
 
 # --report: (size, batch, seq_len, micro-batch, timed steps) per backend. The accelerator rows are the
@@ -240,7 +400,8 @@ def run_report(args):
         lines += [f"## {size}: {batch} x {seq_len} tokens per step, micro-batch {micro}", "", TABLE_HEADER,
                   *(result_row(x) for x in r.values()), "",
                   f"Leviathan / dense step time: **{ratio:.3f}x** (median of {rounds} interleaved rounds, "
-                  f"min {low:.3f}x, max {high:.3f}x; FLOP limit {limit:.3f}x)", ""]
+                  f"min {low:.3f}x, max {high:.3f}x; CPU time {ratio_summary(r, 'rounds_cpu_ms')[0]:.3f}x; "
+                  f"FLOP limit {limit:.3f}x)", ""]
         ratios.append(f"{size} {ratio:.3f}x ({low:.3f}-{high:.3f}, limit {limit:.3f}x)")
     lines.append(f"Ratios: {', '.join(ratios)}.")
     text = "\n".join(lines) + "\n"
@@ -277,8 +438,10 @@ def make_parser():
     add("--budget", type=data.positive, default=120.0, help="--rounds 0: seconds of timed rounds per shape")
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
     add("--attention", default="xla", choices=lv.ATTENTION)
+    add("--sparse-mixing", action="store_true", help="Leviathan: the generator's 3-knot mixing (Config.sparse_mixing)")
     add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     add("--loader", action="store_true", help="measure the data loader alone")
+    add("--breakdown", action="store_true", help="both steps part by part: a markdown table")
     add("--report", action="store_true", help="the whole accelerator check (see above)")
     add("--sizes", nargs="+", choices=list(lv.SIZES), help="--report: only these of its sizes")
     add("--report-file", default="bench_report.md", help="--report: markdown written here")
@@ -295,6 +458,8 @@ def main(argv=None):
                      "give a divisor of the batch, or 0 for the whole batch")
     if args.report:
         return run_report(args)
+    if args.breakdown:
+        return run_breakdown(args)
     return run_loader(args) if args.loader else run_models(args)
 
 
