@@ -254,20 +254,22 @@ def head_loss(p, x, targets, cfg):
 
 
 def backward_of(fn):
-    """fn's forward and backward, jitted: (*args) -> gradients of all args, for a cotangent of ones."""
-    def run(*args):
-        out, vjp = jax.vjp(fn, *args)
-        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))
+    """fn(p, *rest)'s forward and backward in p, jitted: (p, *rest) -> the gradient in p, for a
+    cotangent of ones. The batch's arrays come in as arguments: as constants, XLA would fold them."""
+    def run(p, *rest):
+        out, vjp = jax.vjp(lambda p: fn(p, *rest), p)
+        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))[0]
     return jax.jit(run)
 
 
-def step_parts(cfg, params, opt_state, batch):
-    """One model's train step cut into its parts: name -> (jitted function, arguments). Each part
-    runs its forward and backward (and recomputation) on the step's shapes, the whole batch at once."""
+def step_parts(model):
+    """A prepared model's train step cut into its parts: name -> (jitted function, a function of the
+    model's current state giving its arguments; the step donates the state, so it is read at each
+    call). Each part runs its forward and backward (and recomputation) on the step's shapes."""
+    cfg, batch, params = model["cfg"], model["batch"], model["state"]["params"]
     name = lv.EMBEDDING_PARAMS[cfg.model]
-    ids, inverse, targets = batch["ids"], batch["inverse"], batch["targets"]
-    table = lv.embed(params, ids, cfg)  # (U, D)
-    x = table[inverse].astype(jnp.float32)  # (B, T, D)
+    table = lv.embed(params, batch["ids"], cfg)  # (U, D)
+    x = table[batch["inverse"]].astype(jnp.float32)  # (B, T, D)
     optimizer = lv.make_optimizer(cfg)
 
     @jax.jit
@@ -277,12 +279,13 @@ def step_parts(cfg, params, opt_state, batch):
 
     table_part = "generator" if cfg.model == "leviathan" else "table lookup"
     return {
-        "body": (backward_of(functools.partial(blocks, cfg=cfg)), (params["layers"], x)),
+        "body": (backward_of(lambda lx: blocks(*lx, cfg)), lambda s: ((s["params"]["layers"], x),)),
         "head and loss": (jax.jit(jax.grad(functools.partial(head_loss, cfg=cfg), argnums=(0, 1))),
-                          ({k: params[k] for k in ("final_norm", "head")}, x, targets)),
-        "position gather": (backward_of(lambda t: t[inverse]), (table,)),
-        table_part: (backward_of(lambda p: lv.embed({name: p}, ids, cfg)), (params[name],)),
-        "AdamW": (adamw, (params, opt_state, params)),
+                          lambda s: ({k: s["params"][k] for k in ("final_norm", "head")}, x, batch["targets"])),
+        "position gather": (backward_of(lambda t, inverse: t[inverse]), lambda s: (table, batch["inverse"])),
+        table_part: (backward_of(lambda p, ids: lv.embed({name: p}, ids, cfg)),
+                     lambda s: (s["params"][name], batch["ids"])),
+        "AdamW": (adamw, lambda s: (s["params"], s["opt_state"], s["params"])),
     }
 
 
@@ -322,20 +325,20 @@ def one_step(model):
 def run_breakdown(args):
     """Both models' steps, part by part (step_parts) and whole, timed in interleaved rounds: a table."""
     cfgs, host_batch, _ = model_batch(args)
-    batch = lv.shard_batch(host_batch)
-    calls = {}  # (model or "both", part) -> (fn, args)
-    for cfg in cfgs:
-        state = lv.init_state(jax.random.key(0), cfg)
-        for part, call in step_parts(cfg, state["params"], state["opt_state"], batch).items():
-            calls.setdefault(("both", part) if part in SHARED_PARTS else (cfg.model, part), call)
-        calls[(cfg.model, "whole step")] = (one_step(prepare_model(cfg, host_batch)), ())
-    for fn, a in calls.values():  # compile and warm up
-        jax.block_until_ready(fn(*a))
+    calls = {}  # (model or "both", part) -> (fn, the model it reads its arguments from, their function)
+    for cfg in cfgs:  # one state per model, the parts' and the step's (memory: 60M dense is 1.3 GB)
+        model = prepare_model(cfg, host_batch)
+        for part, (fn, part_args) in step_parts(model).items():
+            calls.setdefault(("both", part) if part in SHARED_PARTS else (cfg.model, part), (fn, model, part_args))
+        calls[(cfg.model, "whole step")] = (one_step(model), model, lambda s: ())
+    for fn, model, part_args in calls.values():  # compile and warm up
+        jax.block_until_ready(fn(*part_args(model["state"])))
     rounds = args.rounds or MIN_ROUNDS
     ms = {key: [] for key in calls}
     for r in range(rounds):
         for key in (list(calls) if r % 2 == 0 else reversed(list(calls))):
-            ms[key].append(time_call(*calls[key]))
+            fn, model, part_args = calls[key]
+            ms[key].append(time_call(fn, part_args(model["state"])))
     return breakdown_table(ms, rounds)
 
 
