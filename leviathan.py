@@ -36,7 +36,7 @@ and each checked against the plain path by a test:
   - micro-batches: the body runs over slices of the batch under lax.scan, accumulating gradients,
     and each device's rows split locally (`split_micro_batches`).
 One more is opt-in (cfg.sparse_mixing): the spline mixing from each coordinate's 3 non-zero knots
-(`sparse_mixing`), slower than the dense matmul on XLA's CPU backend.
+(`sparse_mixing`), no faster than the dense matmul on XLA's CPU backend.
 """
 
 import collections
@@ -366,9 +366,9 @@ def sparse_mixing(first, weights, S):
     not a (G, R) matmul: 3/G of the work. The backward pass sends d phi to the 3 weights the same
     way, and to S with the dense matmul B^T d phi (B rebuilt from the window): XLA's CPU scatter-add
     is slower than that matmul. A test checks values and gradients against spline_mixing.
-    Off by default (cfg.sparse_mixing): on XLA's CPU backend its gathers are slower than the matmul
-    they replace (measured: the generator's forward and backward 1.2-1.6x slower); on a GPU, gathers
-    are cheap but it has not been measured yet."""
+    Off by default (cfg.sparse_mixing): on XLA's CPU backend its gathers cost about what the matmul
+    they replace does (measured: the generator alone 1.2-1.6x slower, the whole tiny step no faster);
+    on a GPU gathers are cheap, but it has not been measured there yet."""
     return sum(weights[..., k, None] * knot_rows(S, first + k) for k in range(3))
 
 
