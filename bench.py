@@ -1,17 +1,24 @@
 """Benchmark: Leviathan against its dense twin, in one process, and the data loader alone.
 
-    python bench.py --size 60M --batch-size 8 --micro-batch 8       # model step time, both models
-    python bench.py --size 421M --batch-size 64 --micro-batch 16    # on a GPU (bfloat16 by default)
-    python bench.py --report                                         # the whole accelerator check
-    python bench.py --loader                                         # data loader tokens/s
+    python bench.py --size 60M --batch-size 4 --seq-len 512                 # model step time, both models
+    python bench.py --size 421M --batch-size 64 --micro-batch 16            # on a GPU (bfloat16 by default)
+    python bench.py --size 60M --batch-size 4 --seq-len 512 --breakdown     # both steps, part by part
+    python bench.py --report                                                 # the whole accelerator check
+    python bench.py --loader                                                 # data loader tokens/s
     python bench.py --loader --data corpus/minipile/00.jsonl.zst corpus/minipile/01.jsonl.zst
 
-Model mode runs warm-up then timed optimizer steps on synthetic batches whose ids follow a Zipf law
-(about as many distinct ids per batch as real text; or real tokens with --data) and prints, per
-model: compile time, ms/step, tokens/s, MFU (where the device's peak is known), the generator's
-share of the step, peak device memory (where the backend reports it: the process's peak so far, so
-a later model's figure can include an earlier one's) and XLA's compiled memory for the step (the
-per-model figure); then the Leviathan/dense step-time ratio.
+Model mode times the two models interleaved: after a warm-up step each, rounds of --steps steps of one
+model then the other, the order alternating, as many rounds as fit --budget seconds (or --rounds), so
+that both see the same load on the machine. Batches are synthetic, with ids that follow a Zipf law
+(about as many distinct ids per batch as real text; or real tokens with --data). It prints, per model:
+compile time, the median ms/step of the rounds (wall clock, and the process's CPU time, which other
+programs disturb less), tokens/s, MFU (where the device's peak is known), the generator's share of the
+step, peak device memory (where the backend reports it: the process's peak so far) and XLA's compiled
+memory for the step; then the Leviathan/dense step-time ratio as the median of the per-round ratios
+with their min and max, beside the FLOP limit: the ratio the work alone allows (step_flops).
+
+--breakdown times both steps cut into parts (body, head and loss, gathers, generator or table lookup,
+AdamW) and whole, and prints a markdown table with each part's wall and CPU time and fresh memory.
 
 --report runs the whole check in one command (at most ~8 minutes on one H200): 60M and 421M, both
 models, the paper's 512 x 512-token batch with a micro-batch that fits, Zipf ids, bfloat16; it prints
@@ -21,11 +28,16 @@ a markdown report (device, JAX version, every figure above, the ratios) and writ
 
 import argparse
 import datetime
+import functools
 import itertools
+import os
+import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 import data
 import leviathan as lv
@@ -47,15 +59,42 @@ def real_tokens(paths, n_seqs, seq_len):
     return np.stack([next(stream) for _ in range(n_seqs)]).astype(np.int32)
 
 
-def time_steps(step, state, batch, n_steps):
-    """Mean seconds per step of an already compiled step, after one warm-up step."""
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
+def prepare_model(cfg, host_batch):
+    """Initial state, device batch and compiled step of one model, with its compile time."""
+    state = lv.init_state(jax.random.key(0), cfg)
+    batch = lv.shard_batch(host_batch)
     start = time.perf_counter()
+    compiled = lv.make_train_step(cfg).lower(state, batch).compile()
+    return {"cfg": cfg, "state": state, "batch": batch, "step": compiled,
+            "compile_s": time.perf_counter() - start, "memory": compiled.memory_analysis()}
+
+
+def time_steps(model, n_steps):
+    """Mean seconds per step of n_steps optimizer steps of a prepared model (its state carried on):
+    (wall-clock, CPU). CPU seconds are the process's, all threads, user and system: the work done,
+    which other programs on the machine disturb less than the wall clock."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(n_steps):
-        state, metrics = step(state, batch)
+        model["state"], metrics = model["step"](model["state"], model["batch"])
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / n_steps, state
+    return (time.perf_counter() - start) / n_steps, (time.process_time() - start_cpu) / n_steps
+
+
+MIN_ROUNDS, MAX_ROUNDS = 3, 50  # --rounds 0: as many as fit --budget, within these bounds
+
+
+def interleaved_rounds(models, n_steps, rounds, budget_s):
+    """(wall, CPU) seconds per step of each model, one list per model, round by round: n_steps of one model,
+    then n_steps of the other, the order alternating (A B, B A, A B, ...), so both see the same load
+    on the machine. After one warm-up step each; rounds 0: as many as fit budget_s seconds."""
+    warm = [time_steps(m, 1)[0] for m in models]
+    if not rounds:
+        rounds = int(min(max(budget_s // (n_steps * sum(warm)), MIN_ROUNDS), MAX_ROUNDS))
+    times = [[] for _ in models]
+    for r in range(rounds):
+        for i in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
+            times[i].append(time_steps(models[i], n_steps))
+    return times
 
 
 def generator_seconds(cfg, params, ids, n_steps):
@@ -75,28 +114,63 @@ def generator_seconds(cfg, params, ids, n_steps):
     return (time.perf_counter() - start) / n_steps
 
 
-def bench_model(cfg, host_batch, n_distinct, n_steps):
-    """Compile, warm up and time one model; returns a dict of figures."""
-    state = lv.init_state(jax.random.key(0), cfg)
-    batch = lv.shard_batch(host_batch)
-    step = lv.make_train_step(cfg)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    step_s, state = time_steps(compiled, state, batch, n_steps)
-    n_tokens = host_batch["targets"].size
+def figures(model, times, n_tokens, n_distinct, n_steps):
+    """The printed figures of one timed model: median step time of the rounds, and the rest."""
+    cfg, state, memory = model["cfg"], model["state"], model["memory"]
+    seconds, cpu_seconds = zip(*times)
+    step_s = float(np.median(seconds))
     peak = lv.peak_flops()
     stats = jax.devices()[0].memory_stats() or {}
     return {
-        "model": cfg.model, "params": lv.count_params(state["params"]), "compile_s": compile_s,
-        "ms_per_step": 1e3 * step_s, "tok_per_s": n_tokens / step_s,
+        "model": cfg.model, "params": lv.count_params(state["params"]), "compile_s": model["compile_s"],
+        "ms_per_step": 1e3 * step_s, "rounds_ms": [1e3 * s for s in seconds],
+        "cpu_ms_per_step": 1e3 * float(np.median(cpu_seconds)), "rounds_cpu_ms": [1e3 * s for s in cpu_seconds],
+        "tok_per_s": n_tokens / step_s,
         "mfu": lv.flops_per_step(cfg, n_tokens, n_distinct) / step_s / peak if peak else None,
-        "generator_share": generator_seconds(cfg, state["params"], batch["ids"], n_steps) / step_s,
+        "generator_share": generator_seconds(cfg, state["params"], model["batch"]["ids"], n_steps) / step_s,
         "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None,
         "compiled_mem_gb": (memory.temp_size_in_bytes + memory.argument_size_in_bytes
                             + memory.output_size_in_bytes) / 1e9 if memory else None,
     }
+
+
+# Clipping (square, sum, scale) and AdamW (two moments, bias correction, square root, divide, weight
+# decay, learning rate, update): about 20 floating-point operations per parameter and step.
+OPTIMIZER_FLOPS = 20
+
+
+def step_flops(cfg, n_tokens, n_ids):
+    """FLOPs the compiled train step does, by the model's own count: lv.flops_per_step, plus the
+    forward passes recomputed in the backward pass (each block under cfg.remat; each generator head,
+    always), plus the optimizer's. n_ids: the padded distinct ids, every one of which is computed.
+    Elementwise work (norms, softmax, spline basis, product) is not counted, in either model."""
+    D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
+    flops = lv.flops_per_step(cfg, n_tokens, n_ids)
+    if cfg.remat:  # one more forward of every block: 2 per parameter-token, 4 L T D per token for attention
+        flops += (2 * L * (4 * D * D + 3 * D * F) + 4 * L * cfg.seq_len * D) * n_tokens
+    flops += lv.flops_per_step(cfg, 0, n_ids) / 3  # the generator's share (6 per parameter-id) + 2
+    return flops + OPTIMIZER_FLOPS * lv.count_params(lv.param_shapes(cfg))
+
+
+def flop_limit(cfgs, n_tokens, n_ids):
+    """The Leviathan / dense step-time ratio that the work alone allows: their step_flops' ratio."""
+    flops = {cfg.model: step_flops(cfg, n_tokens, n_ids) for cfg in cfgs}
+    return flops["leviathan"] / flops["dense"]
+
+
+def ratio_summary(results, key="rounds_ms"):
+    """Leviathan / dense step time, round by round (the two models of a round timed side by side):
+    (median, min, max, rounds). key "rounds_cpu_ms": the same for CPU time."""
+    ratios = np.array(results["leviathan"][key]) / np.array(results["dense"][key])
+    return float(np.median(ratios)), float(ratios.min()), float(ratios.max()), len(ratios)
+
+
+def ratio_line(results, limit):
+    median, low, high, rounds = ratio_summary(results)
+    cpu, cpu_low, cpu_high, _ = ratio_summary(results, "rounds_cpu_ms")
+    return (f"Leviathan / dense step time: {median:.3f}x (median of {rounds} interleaved rounds, "
+            f"min {low:.3f}x, max {high:.3f}x; CPU time {cpu:.3f}x, {cpu_low:.3f}x-{cpu_high:.3f}x; "
+            f"FLOP limit {limit:.3f}x)")
 
 
 def show(value, fmt):
@@ -105,19 +179,36 @@ def show(value, fmt):
 
 def result_row(r):
     return (f"| {r['model']} | {r['params']:,} | {r['compile_s']:.1f} | {r['ms_per_step']:.1f} | "
+            f"{r['cpu_ms_per_step']:.0f} | "
             f"{r['tok_per_s']:,.0f} | {show(r['mfu'], '.1%')} | {r['generator_share']:.1%} | "
             f"{show(r['peak_mem_gb'], '.2f')} | {show(r['compiled_mem_gb'], '.2f')} |")
 
 
-TABLE_HEADER = ("| model | params | compile s | ms/step | tokens/s | MFU | generator share | "
-                "peak memory GB | compiled memory GB |\n|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| model | params | compile s | ms/step | CPU ms/step | tokens/s | MFU | generator share | "
+                "peak memory GB | compiled memory GB |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
-def run_models(args):
+def memory_pages():
+    """How fresh memory reaches this process: XLA's CPU backend maps each step's temporary buffer
+    anew (GBs: the logits and their gradient), so the cost of its page faults is part of both steps.
+    Huge pages (the kernel's transparent_hugepage mode "always", or "madvise" with
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1) make that hundreds of times fewer faults."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        thp = "n/a"
+    return f"transparent huge pages: {thp}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
+
+
+def model_batch(args):
+    """The configs of args.models and one host batch for them all, with its count of distinct ids."""
     overrides = dict(seq_len=args.seq_len, batch_size=args.batch_size,
                      micro_batch=args.micro_batch, attention=args.attention)
     if args.dtype:
         overrides["dtype"] = args.dtype
+    if args.sparse_mixing:
+        overrides["sparse_mixing"] = True
     cfgs = [lv.config(args.size, model, **overrides) for model in args.models]
     if args.data:
         tokens = real_tokens(args.data, args.batch_size, args.seq_len)
@@ -127,16 +218,154 @@ def run_models(args):
     n_distinct = int(host_batch["inverse"].max()) + 1  # ids before padding
     print(f"{args.size}: batch {args.batch_size} x {args.seq_len} tokens (micro-batch "
           f"{args.micro_batch or args.batch_size}), {n_distinct:,} distinct ids -> bucket "
-          f"{len(host_batch['ids']):,}, dtype {cfgs[0].dtype}, {jax.devices()[0].device_kind}")
+          f"{len(host_batch['ids']):,}, dtype {cfgs[0].dtype}, {jax.devices()[0].device_kind}"
+          + (f"; {memory_pages()}" if jax.default_backend() == "cpu" else ""))
+    return cfgs, host_batch, n_distinct
+
+
+def run_models(args):
+    cfgs, host_batch, n_distinct = model_batch(args)
+    models = [prepare_model(cfg, host_batch) for cfg in cfgs]
+    seconds = interleaved_rounds(models, args.steps, args.rounds, args.budget)
+    n_tokens = host_batch["targets"].size
     print(TABLE_HEADER)
     results = {}
-    for cfg in cfgs:
-        r = results[cfg.model] = bench_model(cfg, host_batch, n_distinct, args.steps)
+    for model, s in zip(models, seconds):
+        r = results[model["cfg"].model] = figures(model, s, n_tokens, n_distinct, args.steps)
         print(result_row(r), flush=True)
     if len(results) == 2:
-        ratio = results["leviathan"]["ms_per_step"] / results["dense"]["ms_per_step"]
-        print(f"Leviathan / dense step time: {ratio:.3f}x")
+        limit = flop_limit(cfgs, n_tokens, len(host_batch["ids"]))
+        for r in results.values():
+            r["flop_limit"] = limit
+        print(ratio_line(results, limit))
     return results
+
+
+def blocks(layers, x, cfg):
+    """The transformer's blocks alone, as lv.transformer runs them (scan, checkpoint): (B, T, D) -> (B, T, D)."""
+    cos, sin = lv.rope_tables(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
+    layer_fn = functools.partial(lv.block, cos=cos, sin=sin, cfg=cfg)
+    layer_fn = jax.checkpoint(layer_fn) if cfg.remat else layer_fn
+    return jax.lax.scan(lambda x, layer: (layer_fn(x, layer), None), x, layers)[0]
+
+
+def head_loss(p, x, targets, cfg):
+    """Final norm, output head and mean cross-entropy of the blocks' output x (B, T, D)."""
+    dt = jnp.dtype(cfg.dtype)
+    logits = lv.rms_norm(x, p["final_norm"], cfg.norm_eps).astype(dt) @ p["head"].astype(dt)
+    return lv.cross_entropy(logits, targets).mean()
+
+
+def backward_of(fn):
+    """fn(p, *rest)'s forward and backward in p, jitted: (p, *rest) -> the gradient in p, for a
+    cotangent of ones. The batch's arrays come in as arguments: as constants, XLA would fold them."""
+    def run(p, *rest):
+        out, vjp = jax.vjp(lambda p: fn(p, *rest), p)
+        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))[0]
+    return jax.jit(run)
+
+
+def step_parts(model):
+    """A prepared model's train step cut into its parts: name -> (jitted function, a function of the
+    model's current state giving its arguments; the step donates the state, so it is read at each
+    call). Each part runs its forward and backward (and recomputation) on the step's shapes."""
+    cfg, batch, params = model["cfg"], model["batch"], model["state"]["params"]
+    name = lv.EMBEDDING_PARAMS[cfg.model]
+    table = lv.embed(params, batch["ids"], cfg)  # (U, D)
+    x = table[batch["inverse"]].astype(jnp.float32)  # (B, T, D)
+    optimizer = lv.make_optimizer(cfg)
+
+    @jax.jit
+    def adamw(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+    table_part = "generator" if cfg.model == "leviathan" else "table lookup"
+    return {
+        "body": (backward_of(lambda lx: blocks(*lx, cfg)), lambda s: ((s["params"]["layers"], x),)),
+        "head and loss": (jax.jit(jax.grad(functools.partial(head_loss, cfg=cfg), argnums=(0, 1))),
+                          lambda s: ({k: s["params"][k] for k in ("final_norm", "head")}, x, batch["targets"])),
+        "position gather": (backward_of(lambda t, inverse: t[inverse]), lambda s: (table, batch["inverse"])),
+        table_part: (backward_of(lambda p, ids: lv.embed({name: p}, ids, cfg)),
+                     lambda s: (s["params"][name], batch["ids"])),
+        "AdamW": (adamw, lambda s: (s["params"], s["opt_state"], s["params"])),
+    }
+
+
+def time_call(fn, args):
+    """One call of fn(*args): (wall ms, CPU ms, MB of fresh memory pages it touched: minor page faults)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    new_pages = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return 1e3 * (time.perf_counter() - start), 1e3 * (time.process_time() - start_cpu), new_pages * PAGE_MB
+
+
+PAGE_MB = resource.getpagesize() / 2**20
+
+
+BREAKDOWN_ROWS = [  # (part, what it holds)
+    ("body", "blocks: forward, recomputed forward, backward"),
+    ("head and loss", "final norm, output head, cross-entropy: forward and backward"),
+    ("position gather", "table[inverse] and its gradient back to the (U, D) table"),
+    ("table lookup", "dense: the table's rows for the ids and the scatter of their gradient"),
+    ("generator", "Leviathan: the embeddings of the ids: forward, recomputed forward, backward"),
+    ("AdamW", "clipping, AdamW, update, gradient norm"),
+]
+
+
+SHARED_PARTS = ("body", "head and loss", "position gather")  # the same work in both models: timed once
+
+
+def one_step(model):
+    """A call that runs one optimizer step of a prepared model, carrying its state on."""
+    def call():
+        model["state"], metrics = model["step"](model["state"], model["batch"])
+        return metrics
+    return call
+
+
+def run_breakdown(args):
+    """Both models' steps, part by part (step_parts) and whole, timed in interleaved rounds: a table."""
+    cfgs, host_batch, _ = model_batch(args)
+    calls = {}  # (model or "both", part) -> (fn, the model it reads its arguments from, their function)
+    for cfg in cfgs:  # one state per model, the parts' and the step's (memory: 60M dense is 1.3 GB)
+        model = prepare_model(cfg, host_batch)
+        for part, (fn, part_args) in step_parts(model).items():
+            calls.setdefault(("both", part) if part in SHARED_PARTS else (cfg.model, part), (fn, model, part_args))
+        calls[(cfg.model, "whole step")] = (one_step(model), model, lambda s: ())
+    for fn, model, part_args in calls.values():  # compile and warm up
+        jax.block_until_ready(fn(*part_args(model["state"])))
+    rounds = args.rounds or MIN_ROUNDS
+    ms = {key: [] for key in calls}
+    for r in range(rounds):
+        for key in (list(calls) if r % 2 == 0 else reversed(list(calls))):
+            fn, model, part_args = calls[key]
+            ms[key].append(time_call(fn, part_args(model["state"])))
+    return breakdown_table(ms, rounds)
+
+
+def breakdown_table(ms, rounds):
+    """The markdown table of run_breakdown's medians, printed; returns {model: {part: (wall ms, CPU ms, MB)}}."""
+    cell = {"dense": {}, "leviathan": {}}
+    for (who, part), values in ms.items():
+        for m in (("dense", "leviathan") if who == "both" else (who,)):
+            cell[m][part] = tuple(np.median(np.array(values), axis=0))
+    for m in cell:
+        parts = [cell[m].get(p, (0.0, 0.0, 0.0)) for p, _ in BREAKDOWN_ROWS]
+        cell[m]["sum of the parts"] = tuple(np.sum(parts, axis=0))
+        cell[m]["rest"] = tuple(np.subtract(cell[m]["whole step"], cell[m]["sum of the parts"]))
+    dense_step = cell["dense"]["whole step"][0]
+    lines = [f"Median of {rounds} interleaved rounds:", "",
+             "| part | what it holds | dense ms | Leviathan ms | Leviathan - dense | of the dense step | "
+             "CPU ms, dense / Leviathan | fresh memory MB, dense / Leviathan |", "|---|---|---|---|---|---|---|---|"]
+    for part, what in BREAKDOWN_ROWS + [("sum of the parts", ""), ("whole step", "the compiled train step"),
+                                        ("rest", "whole step - sum of the parts (fusion across parts, overheads)")]:
+        (d, d_cpu, d_mb), (v, v_cpu, v_mb) = (cell[m].get(part, (0.0, 0.0, 0.0)) for m in ("dense", "leviathan"))
+        lines.append(f"| {part} | {what} | {d:,.0f} | {v:,.0f} | {v - d:+,.0f} | {(v - d) / dense_step:+.1%} | "
+                     f"{d_cpu:,.0f} / {v_cpu:,.0f} | {d_mb:,.0f} / {v_mb:,.0f} |")
+    print("\n".join(lines))
+    return cell
 
 
 # --report: (size, batch, seq_len, micro-batch, timed steps) per backend. The accelerator rows are the
@@ -172,10 +401,14 @@ def run_report(args):
             lines += [f"## {size}: out of device memory at micro-batch {micro}; rerun this size with "
                       f"--sizes {size} after lowering its micro-batch in bench.REPORT", ""]
             continue
-        ratio = r["leviathan"]["ms_per_step"] / r["dense"]["ms_per_step"]
+        ratio, low, high, rounds = ratio_summary(r)
+        limit = r["leviathan"]["flop_limit"]
         lines += [f"## {size}: {batch} x {seq_len} tokens per step, micro-batch {micro}", "", TABLE_HEADER,
-                  *(result_row(x) for x in r.values()), "", f"Leviathan / dense step time: **{ratio:.3f}x**", ""]
-        ratios.append(f"{size} {ratio:.3f}x")
+                  *(result_row(x) for x in r.values()), "",
+                  f"Leviathan / dense step time: **{ratio:.3f}x** (median of {rounds} interleaved rounds, "
+                  f"min {low:.3f}x, max {high:.3f}x; CPU time {ratio_summary(r, 'rounds_cpu_ms')[0]:.3f}x; "
+                  f"FLOP limit {limit:.3f}x)", ""]
+        ratios.append(f"{size} {ratio:.3f}x ({low:.3f}-{high:.3f}, limit {limit:.3f}x)")
     lines.append(f"Ratios: {', '.join(ratios)}.")
     text = "\n".join(lines) + "\n"
     with open(args.report_file, "w") as f:
@@ -217,7 +450,7 @@ def run_loader(args):
     paths = args.data or ["corpus/minipile/00.jsonl.zst", "corpus/minipile/01.jsonl.zst"]
     try:
         result = loader_throughput(paths, "o200k_base", args.seq_len, args.batch_size,
-                                   seconds=args.seconds, threads=args.threads)
+                                         seconds=args.seconds, threads=args.threads)
     except cli.UserError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"loader: {result['tokens_per_s']:,.0f} tokens/s, o200k_base, {result['batches']} batches of "
@@ -228,18 +461,22 @@ def run_loader(args):
 
 def make_parser():
     parser = cli.OneLineParser(prog="bench.py", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add, whole = parser.add_argument, number
     add("--size", default="tiny", choices=list(lv.SIZES))
     add("--models", nargs="+", default=["leviathan", "dense"], choices=lv.MODELS)
     add("--batch-size", type=whole(1), default=8, help="sequences per optimizer step")
     add("--micro-batch", type=whole(0), default=0, help="sequences per pass, dividing the batch (0: all)")
     add("--seq-len", type=whole(1), default=512)
-    add("--steps", type=whole(1), default=5, help="timed steps per model")
+    add("--steps", type=whole(1), default=1, help="timed steps per model and round")
+    add("--rounds", type=whole(0), default=0, help="interleaved rounds (0: as many as fit --budget, 3 or more)")
+    add("--budget", type=number(0, whole=False, strict=True), default=120.0, help="--rounds 0: seconds of timed rounds per shape")
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
     add("--attention", default="xla", choices=lv.ATTENTION)
+    add("--sparse-mixing", action="store_true", help="Leviathan: the generator's 3-knot mixing (Config.sparse_mixing)")
     add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     add("--loader", action="store_true", help="measure the data loader alone")
+    add("--breakdown", action="store_true", help="both steps part by part: a markdown table")
     add("--report", action="store_true", help="the whole accelerator check (see above)")
     add("--sizes", nargs="+", choices=list(lv.SIZES), help="--report: only these of its sizes")
     add("--report-file", default="bench_report.md", help="--report: markdown written here")
@@ -257,6 +494,8 @@ def main(argv=None):
                      "give a divisor of the batch, or 0 for the whole batch")
     if args.report:
         return run_report(args)
+    if args.breakdown:
+        return run_breakdown(args)
     return run_loader(args) if args.loader else run_models(args)
 
 

@@ -35,6 +35,8 @@ and each checked against the plain path by a test:
     instead of stored;
   - micro-batches: the body runs over slices of the batch under lax.scan, accumulating gradients,
     and each device's rows split locally (`split_micro_batches`).
+One more is opt-in (cfg.sparse_mixing): the spline mixing from each coordinate's 3 non-zero knots
+(`sparse_mixing`), no faster than the dense matmul on XLA's CPU backend.
 """
 
 import collections
@@ -88,6 +90,7 @@ class Config:
     gen_heads: int = 8  # independent generator heads, summed
     gen_rank: int = 64  # rank-1 separable modes per head
     gen_knots: int = 32  # uniform knots of the quadratic B-spline basis on [0, 1]
+    sparse_mixing: bool = False  # speed, opt-in: mix only each coordinate's 3 non-zero knots (sparse_mixing)
     gen_sigmoid_scale: float = 2.0  # u = sigmoid(LayerNorm(W z) / 2): squashes a seed into (0, 1)
     spline_init_std: float = 0.1  # spline coefficients S = 1 + 0.1 N(0, 1)
     ln_eps: float = 1e-5  # epsilon of the generator's LayerNorm
@@ -331,6 +334,59 @@ def seeds(gen, ids, cfg):
     return gen["codebooks"][jnp.arange(cfg.n_digits), digits].sum(-2)
 
 
+def spline_mixing(basis, S):
+    """phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]: basis (d, U, G), S (d, G, R) -> (d, U, R).
+
+    The reference form: one batched matmul per seed coordinate, (U, G) @ (G, R)."""
+    return f32_matmul(basis, S)
+
+
+def spline_window(u, n_knots):
+    """spline_basis's non-zero part: u (...) -> the first of 3 consecutive knots (...) int32 and
+    their basis values (..., 3); every other knot's value is 0. Same formula, same knots."""
+    first = jnp.clip(jnp.round(u * (n_knots - 1)).astype(jnp.int32) - 1, 0, n_knots - 3)  # (...)
+    knots = jnp.linspace(0.0, 1.0, n_knots)[first[..., None] + jnp.arange(3)]  # (..., 3)
+    t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., 3) distance in knot units
+    b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
+    x = u * (n_knots - 1)  # the row sum's closed form, as in spline_basis
+    missing = 0.5 * (jnp.maximum(0.5 - x, 0.0) ** 2 + jnp.maximum(x - (n_knots - 1.5), 0.0) ** 2)
+    return first, b / (1.0 - missing)[..., None]
+
+
+def knot_rows(S, knot):
+    """S (d, G, R) at one knot per coordinate and id, knot (d, U) -> S[d, knot[d, u]]: (d, U, R)."""
+    return jnp.take_along_axis(S, knot[..., None], axis=1, mode="promise_in_bounds")  # no bounds mask
+
+
+@jax.custom_vjp
+def sparse_mixing(first, weights, S):
+    """spline_mixing from spline_window's 3 knots: first (d, U), weights (d, U, 3), S (d, G, R) -> (d, U, R).
+
+    speed: each coordinate's quadratic basis has 3 non-zero knots of G, so phi needs 3 rows of S,
+    not a (G, R) matmul: 3/G of the work. The backward pass sends d phi to the 3 weights the same
+    way, and to S with the dense matmul B^T d phi (B rebuilt from the window): XLA's CPU scatter-add
+    is slower than that matmul. A test checks values and gradients against spline_mixing.
+    Off by default (cfg.sparse_mixing): on XLA's CPU backend its gathers cost about what the matmul
+    they replace does (measured: the generator alone 1.2-1.6x slower, the whole tiny step no faster);
+    on a GPU gathers are cheap, but it has not been measured there yet."""
+    return sum(weights[..., k, None] * knot_rows(S, first + k) for k in range(3))
+
+
+def _sparse_mixing_fwd(first, weights, S):
+    rows = [knot_rows(S, first + k) for k in range(3)]  # 3 x (d, U, R), kept for the backward pass
+    return sum(weights[..., k, None] * rows[k] for k in range(3)), (first, weights, rows, S)
+
+
+def _sparse_mixing_bwd(residuals, g):
+    first, weights, rows, S = residuals
+    d_weights = jnp.stack([(g * rows[k]).sum(-1) for k in range(3)], -1)  # (d, U, 3)
+    basis = sum(weights[..., k, None] * jax.nn.one_hot(first + k, S.shape[1]) for k in range(3))  # (d, U, G)
+    return None, d_weights, f32_matmul(jnp.swapaxes(basis, 1, 2), g)  # no gradient for the integer knots
+
+
+sparse_mixing.defvjp(_sparse_mixing_fwd, _sparse_mixing_bwd)
+
+
 def head_factors(head, z, cfg):
     """One head's factors: seeds (U, d_seed) -> phi (d_seed, U, rank), the modes' 128 factors.
 
@@ -338,8 +394,10 @@ def head_factors(head, z, cfg):
     (U, G) @ (G, R), and the product over d runs over the leading axis."""
     h = layer_norm(f32_matmul(z, head["W"]), head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
     u = jax.nn.sigmoid(h / cfg.gen_sigmoid_scale).T  # (d_seed, U) in (0, 1)
+    if cfg.sparse_mixing:  # speed: 3 knots of G (sparse_mixing)
+        return sparse_mixing(*spline_window(u, cfg.gen_knots), 1.0 + head["delta"])
     basis = spline_basis(u, cfg.gen_knots)  # (d_seed, U, G)
-    return f32_matmul(basis, 1.0 + head["delta"])  # phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]
+    return spline_mixing(basis, 1.0 + head["delta"])  # phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]
 
 
 def generator_head(head, z, cfg):
@@ -798,12 +856,13 @@ def shard_batch(batch, mesh=None):
 def flops_per_step(cfg, n_tokens, n_distinct):
     """Model FLOPs of one train step (forward + backward, no recomputation): 6 per parameter-token
     for the matrices the tokens pass through, 12 L T D per token for attention, and the generator's
-    matrix work once per distinct id. Used for MFU."""
+    matrix work once per distinct id (3 knots of the mixing with cfg.sparse_mixing). Used for MFU."""
     D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
     matmul_params = L * (4 * D * D + 3 * D * F) + D * cfg.vocab_size
     flops = 6 * matmul_params * n_tokens + 12 * L * cfg.seq_len * D * n_tokens
     if cfg.model == "leviathan":
-        per_head = cfg.d_seed * cfg.d_seed + cfg.d_seed * cfg.gen_knots * cfg.gen_rank + cfg.gen_rank * D
+        knots = 3 if cfg.sparse_mixing else cfg.gen_knots  # the spline mixing's knots per coordinate
+        per_head = cfg.d_seed * cfg.d_seed + cfg.d_seed * knots * cfg.gen_rank + cfg.gen_rank * D
         flops += 6 * cfg.gen_heads * per_head * n_distinct
     return flops
 

@@ -337,6 +337,7 @@ def save(run, step, state, data_state):
 
 
 def checkpoint_hint(run):
+    """What a run that cannot go on leaves to resume from, and how, for its sentence."""
     if run.last_saved is None:
         return "no checkpoint had been saved yet; lower --lr and start again"
     return f"the last good checkpoint (step {run.last_saved}) is kept: lower --lr and resume from it"
@@ -391,8 +392,8 @@ def main(argv=None):
     except jax.errors.JaxRuntimeError as e:
         if not processes.several(args):
             raise
-        processes.exit_now(f"a collective between the processes failed ({str(e).splitlines()[0][:120]}), so one has "
-                        "probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
+        processes.exit_now(f"a collective between the processes failed ({str(e).splitlines()[0][:120]}), so one "
+                           "has probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
 
 
 if __name__ == "__main__":
