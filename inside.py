@@ -70,14 +70,14 @@ def fresh_init(cfg, seed):
     return jax.jit(functools.partial(lv.init_params, cfg=cfg))(jax.random.key(seed))
 
 
-def snapshots(run):
-    """[(step, params)] of the run: init, every params-stepN.npz in its folder, and params.npz."""
-    found = [(0, fresh_init(run["cfg"], run["config"]["seed"]))]
+def snapshots(run, init):
+    """{step: params} of the run: init, every params-stepN.npz in its folder, and params.npz."""
+    found = [(0, init)]
     for path in run["dir"].glob("params-step*.npz"):
         params, _, meta = lv.load_params(str(path))
         found.append((int(meta.get("step", re.sub(r"\D", "", path.stem))), params))
     found.append((run["step"], run["params"]))
-    return sorted(dict(found).items())
+    return dict(sorted(found, key=lambda pair: pair[0]))
 
 
 def seen_ids(config, steps):
@@ -126,9 +126,16 @@ def knot_mass(u, cfg):
     return np.asarray(lv.spline_basis(u, cfg.gen_knots).sum(axis=(0, 1)))
 
 
-def used_knots(mass, share=0.01):
-    """How many knots receive at least `share` of the mass an even spread would give them."""
-    return int((mass >= share * mass.sum() / len(mass)).sum())
+def effective_number(weights):
+    """exp(entropy) of the weights' shares: 1 when one holds everything, len(weights) when all are equal."""
+    p = np.asarray(weights, float)
+    p = p[p > 0] / p.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def used_knots(mass):
+    """The effective number of knots: exp(entropy) of the knots' shares of the basis mass."""
+    return effective_number(mass)
 
 
 def mode_magnitudes(head_params, z, cfg):
@@ -140,9 +147,7 @@ def mode_magnitudes(head_params, z, cfg):
 
 def effective_rank(magnitudes):
     """exp(entropy) of the modes' shares of the squared magnitude: 1 (one mode) to rank (all equal)."""
-    p = np.asarray(magnitudes, float) ** 2
-    p = p[p > 0] / p.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
+    return effective_number(np.asarray(magnitudes, float) ** 2)
 
 
 def embeddings(params, ids, cfg):
@@ -225,9 +230,9 @@ def measure(run, n_ids, n_queries, k):
         m[f"neighbours {when}"], m["chance"] = neighbour_sharing(emb, seen, digits, queries, k)
         m[f"control {when}"], m["control chance"] = neighbour_sharing(emb, seen, control, queries, k)
     m["drift"] = relative_drift(embeddings(run["params"], never, cfg), embeddings(init, never, cfg))
-    m["rms random ids"] = {s: rms(embeddings(p, never, cfg)) for s, p in snapshots(run)}
-    tokens = validation_tokens(config)
-    m["scale"] = {s: stream_scale(p, cfg, tokens) for s, p in snapshots(run)}
+    snaps, tokens = snapshots(run, init), validation_tokens(config)
+    m["rms random ids"] = {s: rms(embeddings(p, never, cfg)) for s, p in snaps.items()}
+    m["scale"] = {s: stream_scale(p, cfg, tokens) for s, p in snaps.items()}
     if cfg.model == "leviathan":
         for when, params in (("init", init), ("trained", run["params"])):
             gen = params["generator"]
@@ -260,14 +265,14 @@ def knots_figure(runs):
         ax_u.set(title=f"{label(m)}: u over the {m['n_seen']:,} ids it saw (colour: head)", xlabel="u",
                  ylabel="density", yscale="log")
         used = [used_knots(x) for x in m["knot mass trained"]]
-        ax_k.set(title=f"basis mass per knot (knots used per head: {min(used)}-{max(used)} of {G})",
+        ax_k.set(title=f"basis mass per knot (effective knots per head: {min(used):.1f}-{max(used):.1f} of {G})",
                  xlabel="knot", ylabel="share of the mass", yscale="log")
         ax_u.legend(fontsize=7)
     return fig
 
 
 def modes_figure(runs):
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 4), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), layout="constrained", squeeze=False)
     for ax, m in zip(axes[0], runs):
         for h, (mags, mags0) in enumerate(zip(m["modes trained"], m["modes init"])):
             ax.plot(np.sort(mags)[::-1], color=plt.cm.tab10(h))
@@ -275,8 +280,8 @@ def modes_figure(runs):
         ranks = [effective_rank(x) for x in m["modes trained"]]
         ranks0 = [effective_rank(x) for x in m["modes init"]]
         ax.set(yscale="log", xlabel="mode (largest first)", ylabel="RMS(m_r) |Wout_r|",
-               title=f"{label(m)}\neffective rank {min(ranks):.1f}-{max(ranks):.1f} "
-                     f"(init {min(ranks0):.1f}-{max(ranks0):.1f}, dotted)")
+               title=f"{label(m)}: effective rank per head\n{min(ranks):.1f}-{max(ranks):.1f} "
+                     f"(init, dotted: {min(ranks0):.1f}-{max(ranks0):.1f})")
     return fig
 
 
@@ -287,7 +292,10 @@ def neighbours_figure(runs):
                                      ("neighbours trained", "trained, its code's digits"),
                                      ("control trained", "trained, a random relabelling's digits"))):
         ax.bar(x + (i - 1) * 0.27, [m[key] for m in runs], 0.27, label=name)
-    ax.scatter(x, [m["chance"] for m in runs], color="black", marker="_", s=600, zorder=3, label="chance")
+    ax.scatter(x - 0.135, [m["chance"] for m in runs], color="black", marker="_", s=900, zorder=3,
+               label="chance, its code's digits")
+    ax.scatter(x + 0.27, [m["control chance"] for m in runs], color="grey", marker="_", s=400, zorder=3,
+               label="chance, the relabelling's digits")
     ax.set_xticks(x, [label(m) for m in runs], rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="neighbours sharing a digit", title="Nearest neighbours (cosine) that share a base-b digit")
     ax.legend(fontsize=8)
@@ -317,7 +325,7 @@ def scale_figure(runs):
     ax_e.set(yscale="log", xlabel="step", ylabel="RMS",
              title=f"Input embeddings' RMS over {len(runs[0]['drift']):,} ids it never saw")
     ax_b.set(yscale="log", xlabel="step", ylabel="RMS on validation tokens",
-             title="Embeddings (solid) and what each block adds (block 1 dotted, block 2 dashed)")
+             title="Embeddings (solid); what block 1 (dotted), 2 (dashed) adds")
     ax_e.legend(fontsize=8)
     return fig
 
@@ -325,7 +333,7 @@ def scale_figure(runs):
 def summary(runs):
     """inside.md: one row per run, every number of the figures."""
     head_ = ["run", "model", "ids seen", "neighbours sharing a digit: init, trained (chance; control)",
-             "knots used per head", "effective rank per head: init, trained", "never-seen drift (median)",
+             "effective knots per head", "effective rank per head: init, trained", "never-seen drift (median)",
              "embedding RMS, random ids, by step", "on validation tokens: embedding, adds per block, by step"]
     lines = ["| " + " | ".join(head_) + " |", "|" + "---|" * len(head_)]
     for m in runs:
@@ -338,7 +346,7 @@ def summary(runs):
         cells = [m["name"], label(m), f"{m['n_seen']:,}",
                  f"{m['neighbours init']:.3f}, {m['neighbours trained']:.3f} ({m['chance']:.3f}; "
                  f"{m['control trained']:.3f})",
-                 f"{min(knots)}-{max(knots)} of {m['cfg'].gen_knots}" if levi else "-",
+                 f"{min(knots):.1f}-{max(knots):.1f} of {m['cfg'].gen_knots}" if levi else "-",
                  (f"{np.mean(ranks[0]):.1f} ({min(ranks[0]):.1f}-{max(ranks[0]):.1f}), "
                   f"{np.mean(ranks[1]):.1f} ({min(ranks[1]):.1f}-{max(ranks[1]):.1f})") if levi else "-",
                  f"{np.median(m['drift']):.3g}",

@@ -49,6 +49,7 @@ def test_spline_inputs_are_the_points_head_factors_uses():
         mass = inside.knot_mass(u, cfg)
         assert mass.shape == (cfg.gen_knots,) and mass.sum() == pytest.approx(100 * cfg.d_seed, rel=1e-5)
         assert 1 <= inside.used_knots(mass) <= cfg.gen_knots
+        assert inside.used_knots(np.ones(8)) == pytest.approx(8)
 
 
 def test_fresh_init_is_train_pys():
