@@ -64,7 +64,7 @@ e() { for seed in 0 1; do run leviathan-knots8 $seed --model leviathan --set gen
       for seed in 0 1; do run leviathan-rank16 $seed --model leviathan --set gen_rank=16; done   # 16 modes, not 64
       for seed in 0 1; do table leviathan-s$seed leviathan-knots8-s$seed leviathan-rank16-s$seed; done; }
 f() { pair; python inside.py "$OUT"/leviathan-s{0,1} "$OUT"/dense-s{0,1} --out "$OUT/inside"; }
-f_more() { d; e; python inside.py "$OUT"/leviathan-{perm,knots8,rank16}-s{0,1} --out "$OUT/inside-more"; }
+f_more() { d; e; for v in perm knots8 rank16; do python inside.py "$OUT"/leviathan-$v-s{0,1} --out "$OUT/inside-$v"; done; }
 g() { pair; python plot.py "$OUT"/leviathan-s{0,1} "$OUT"/dense-s{0,1} --out "$OUT/plots" | grep "bucket"; }
 h() { python plot.py results/tiny-minipile --out runs/lab/plots-headline | grep -v "^wrote"; }
 all() { b; c; d; e; }
