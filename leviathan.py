@@ -81,7 +81,7 @@ class Config:
     init_std: float = 0.02  # std of every weight matrix at init (paper: N(0, 0.02^2))
     # the lab's ablations (train.py --set FIELD=VALUE); the defaults are the paper's model
     embed_norm: str = "none"  # "rms": an RMSNorm with learned scale on the input embeddings (either model)
-    embed_init_std: float = 0.02  # std of the dense table at init (default: init_std's 0.02)
+    embed_init_std: float = 0.0  # std of the dense table at init; 0: follow init_std (dense only)
     gen_combine: str = "product"  # "product" (paper): a mode is the product of its factors; "sum": their mean
     id_permutation_seed: int = 0  # 0: decompose ids as they are; else a fixed random permutation first
     # embedding generator (paper's v1, reconstructed)
@@ -132,6 +132,16 @@ class Config:
             raise ValueError(f"gen_knots is {self.gen_knots}; a quadratic B-spline needs 3 knots or more")
         if self.id_permutation_seed < 0:
             raise ValueError(f"id_permutation_seed is {self.id_permutation_seed}; it must be 0 (off) or more")
+        if not self.embed_init_std >= 0:
+            raise ValueError(f"embed_init_std is {self.embed_init_std}; it must be 0 (follow init_std) or more")
+        # Leviathan has no table: a value other than 0 or init_std would be silently ignored, so it is
+        # refused. Equal to init_std is accepted: the committed Leviathan configs record 0.02 = init_std.
+        if self.model == "leviathan" and self.embed_init_std not in (0.0, self.init_std):
+            raise ValueError(f"embed_init_std {self.embed_init_std} sets the dense table's init std, and "
+                             f"Leviathan has no table (its generator follows init_std); use it with "
+                             f"model dense, or leave it unset")
+        if self.embed_init_std == 0.0:  # resolved here, so a saved config records the std the table got
+            object.__setattr__(self, "embed_init_std", self.init_std)
 
     @property
     def base(self):

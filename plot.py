@@ -19,8 +19,9 @@ folder is searched for run folders below it. Figures and summary.md go to --out
     summary.md     the markdown table, then the warnings as notes
 
 b is 1.69 as in the paper unless --b (a finite number >= 0) or --free-b says
-otherwise. Runs are paired by (size, seed). N is a run's own parameter count
-(config "n_params"). Each warning is one sentence, printed once, on stderr; the
+otherwise. Runs are paired by (size, seed, --set fields): a run made with
+--set gen_knots=8 pairs only with one made with the same --set fields. N is a
+run's own parameter count (config "n_params"). Each warning is one sentence, printed once, on stderr; the
 table (without the notes) goes to stdout. Legends sit outside the axes, so they
 cover no data. Exit status 0 when at least one run was read, 1 when none was, 2
 for a bad command line. Needs numpy and matplotlib only.
@@ -135,15 +136,28 @@ def tokens_seen(run):
 
 # ---------------------------------------------------------------- matched pairs
 
+def run_variant(run):
+    """The run's --set fields as "field=value" words sorted by field ("" for none): train.py records
+    them in config.json under "set"; older configs without it count as none."""
+    settings = run["config"].get("set")
+    return " ".join(f"{field}={settings[field]}" for field in sorted(settings)) if isinstance(settings, dict) else ""
+
+
+def pair_label(run):
+    """A run's identity: size, seed and --set fields. Runs with the same label form a pair."""
+    return " ".join(filter(None, [f"{run['size']}/seed {run['seed']}", run_variant(run)]))
+
+
 def match_pairs(runs):
-    """Group runs by (size, seed) into pairs; check that each pair saw the same tokens."""
+    """Group runs by (size, seed, --set fields) into pairs; check that each pair saw the same tokens."""
     groups = {}
     for run in runs:
-        label = f"{run['size']}/seed {run['seed']}"
+        label = pair_label(run)
         pair = groups.setdefault(label, {"label": label})
         if run["model"] in pair:
             old = pair[run["model"]]
-            warn(f"{label} has two {run['model']} runs; {run['name']} replaces {old['name']}.")
+            warn(f"{label} has two {run['model']} runs with the same size, seed and --set fields; "
+                 f"{run['name']} replaces {old['name']}.")
             old["pair"] = "replaced"
         pair[run["model"]] = run
     pairs = list(groups.values())

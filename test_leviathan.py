@@ -4,7 +4,9 @@ model). CPU only; no tokenizer file needed except where a test says so."""
 
 import dataclasses
 import functools
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -561,6 +563,27 @@ def test_embed_norm_makes_the_body_blind_to_the_embeddings_scale():
     np.testing.assert_allclose(lv.forward(scaled, tokens, cfg), lv.forward(params, tokens, cfg), atol=1e-4)
     plain = small_config("dense", embed_init_std=0.5)
     assert not np.allclose(lv.forward(scaled, tokens, plain), lv.forward(params, tokens, plain), atol=1e-4)
+
+
+def test_embed_init_std_follows_init_std_and_is_refused_for_leviathan():
+    dense = small_config("dense")
+    assert dense.embed_init_std == dense.init_std == 0.02  # the default: 0 in the field, resolved to init_std
+    table = lv.init_params(jax.random.key(0), dense)["embed"]
+    normal = jax.random.normal(jax.random.split(jax.random.key(0), 9)[8], table.shape, jnp.float32)
+    np.testing.assert_array_equal(table, 0.02 * normal)  # bit for bit as before the change
+    wide = small_config("dense", init_std=0.05)
+    assert wide.embed_init_std == 0.05
+    assert np.std(lv.init_params(jax.random.key(0), wide)["embed"]) == pytest.approx(0.05, rel=0.02)
+    assert small_config("dense", init_std=0.05, embed_init_std=0.21).embed_init_std == 0.21
+    assert lv.Config(**dataclasses.asdict(wide)) == wide  # a saved config loads as itself
+    with pytest.raises(ValueError, match="embed_init_std 0.21 sets the dense table's init std"):
+        small_config(embed_init_std=0.21)
+    with pytest.raises(ValueError, match="must be 0 .follow init_std. or more"):
+        small_config("dense", embed_init_std=-0.1)
+    assert small_config(embed_init_std=0.02).embed_init_std == 0.02  # as the committed Leviathan configs say
+    for run in ("leviathan-s0", "dense-std0.21-s0"):
+        recorded = json.loads((Path(__file__).parent / "results/lab" / run / "config.json").read_text())["config"]
+        assert lv.Config(**recorded).embed_init_std == recorded["embed_init_std"]
 
 
 # --- 5-9. loss, optimizer, distinct-id batches, train step, training loop -------------------------

@@ -61,7 +61,7 @@ def test_every_numeric_flag_refuses_zero_negative_and_non_numbers(capsys):
 
 
 def test_set_takes_any_config_field_by_its_type(capsys):
-    args = train.parse_args(["--size", "tiny", "--set", "gen_combine=sum", "--set", "gen_knots=8",
+    args = train.parse_args(["--size", "tiny", "--model", "dense", "--set", "gen_combine=sum", "--set", "gen_knots=8",
                              "--set", "remat=false", "--set", "embed_init_std=0.2"])
     assert args.set == [("gen_combine", "sum"), ("gen_knots", 8), ("remat", False), ("embed_init_std", 0.2)]
     cfg, _ = train.build_config(args, BYTES, 1)
@@ -75,6 +75,8 @@ def test_set_takes_any_config_field_by_its_type(capsys):
         assert "lr" in err if "own flag" in named else "gen_combine, id_permutation_seed" in err
     with pytest.raises(train.BadFlag, match="--set: unknown gen_combine 'max'"):
         train.build_config(train.parse_args(["--size", "tiny", "--set", "gen_combine=max"]), BYTES, 1)
+    with pytest.raises(train.BadFlag, match="--set: embed_init_std 0.21 sets the dense table's init std"):
+        train.build_config(train.parse_args(["--size", "tiny", "--set", "embed_init_std=0.21"]), BYTES, 1)
 
 
 @pytest.mark.parametrize("argv, named", [

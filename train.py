@@ -129,16 +129,16 @@ def build_config(args, enc, n_devices):
         raise BadFlag(f"--batch-size {B} does not split into micro-batches of {micro}, a multiple of the "
                       f"{n_devices} device(s); change --batch-size or --micro-batch")
     settings = dict(args.set)  # --set FIELD=VALUE
-    try:
-        dense = lv.count_params(lv.param_shapes(lv.config(args.size, "dense", vocab_size=vocab, **settings)))
-    except ValueError as e:
-        raise BadFlag(f"--set: {e}") from None
-    steps = args.steps or math.ceil((args.tokens or TOKENS_PER_PARAM * dense) / (B * T))
-    warmup = args.warmup if args.warmup is not None else round(WARMUP_FRACTION * steps)
     given = {"lr": args.lr, "dtype": args.dtype, "attention": args.attention}
     overrides = {key: value for key, value in given.items() if value is not None}
-    return lv.config(args.size, args.model, vocab_size=vocab, seq_len=T, batch_size=B, micro_batch=micro,
-                     steps=steps, warmup_steps=warmup, **settings, **overrides), dense
+    try:
+        dense = lv.count_params(lv.param_shapes(lv.config(args.size, "dense", vocab_size=vocab, **settings)))
+        steps = args.steps or math.ceil((args.tokens or TOKENS_PER_PARAM * dense) / (B * T))
+        warmup = args.warmup if args.warmup is not None else round(WARMUP_FRACTION * steps)
+        return lv.config(args.size, args.model, vocab_size=vocab, seq_len=T, batch_size=B, micro_batch=micro,
+                         steps=steps, warmup_steps=warmup, **settings, **overrides), dense
+    except ValueError as e:  # a --set the model refuses, e.g. embed_init_std for Leviathan
+        raise BadFlag(f"--set: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
