@@ -113,7 +113,7 @@ def test_when_one_process_dies_the_other_ends_with_one_sentence(tmp_path, env, s
 
 
 @pytest.mark.slow
-def test_an_unreachable_coordinator_is_named_in_one_sentence(tmp_path, env, spawned, o200k):
+def test_an_unreachable_coordinator_is_named_in_one_sentence(tmp_path, env, spawned):
     port = free_port()
     (proc,) = start_processes(spawned, str(tmp_path / "run"), env, port, extra=["--join-timeout", "3"], ids=(1,))
     _, stderr = proc.communicate(timeout=120)
