@@ -315,7 +315,8 @@ REPRODUCED_STEPS = int(os.environ.get("LEVIATHAN_REPRODUCE_STEPS", "10"))
 # to within a tolerance; data_hash (the tokens) is checked exactly. Measured on 2026-11-30 against the
 # committed logs (made on an AVX2 machine), Leviathan / dense, at steps 1, 10, 20, 25: an AMD EPYC with
 # AVX-512 +2.9e-6, +9.5e-7, +1.7e-5, +1.1e-5 / +2.9e-6, +9.5e-7, -9.5e-7, 0; the same machine capped at
-# AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2) 0, -9.5e-7, +1.7e-5, ... The drift grows with the steps (the
+# AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2) 0, -9.5e-7, +1.7e-5, +9.5e-6; on one core (taskset -c 0) +2.9e-6,
+# +9.5e-7, +5.7e-6, -9.5e-7. The drift grows with the steps (the
 # issue's AMD measured +1.9e-5 at 30); 1e-4 is five times the largest seen, and a real change (another
 # learning rate, data order or model) moves the loss by 1e-3 or more within 10 steps.
 REPRODUCE_TOLERANCE = 1e-4
