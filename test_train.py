@@ -184,7 +184,7 @@ def test_unknown_size_lists_the_valid_ones():
 
 @pytest.mark.slow
 def test_a_fresh_clone_trains_offline_on_text_files_it_is_given(tmp_path, o200k):
-    """The README's offline form in a folder with no ../shared beside it: only the three scripts, the
+    """The README's offline form in a bare folder: only the learner's scripts and the machinery, the
     o200k file in the user's tiktoken cache, two text files written here."""
     clone = tmp_path / "clone"
     (clone / "machinery").mkdir(parents=True)
