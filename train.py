@@ -386,14 +386,14 @@ def main(argv=None):
         return train(args)
     except UserError as e:
         if processes.several(args):
-            processes.exit_now(e, e.code)
+            cli.exit_now(e, e.code)
         print(f"error: {e}", file=sys.stderr)
         return e.code
     except jax.errors.JaxRuntimeError as e:
         if not processes.several(args):
             raise
-        processes.exit_now(f"a collective between the processes failed ({str(e).splitlines()[0][:120]}), so one "
-                           "has probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
+        cli.exit_now(f"a collective between the processes failed ({str(e).splitlines()[0][:120]}), so one "
+                     "has probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the compilation cache).
     number(...)        the one argparse type for numbers: whole or real, with its range
     config_setting     --set FIELD=VALUE for any field of leviathan.Config, parsed by the field's type
     use_compile_cache  JAX's persistent compilation cache, so a rerun does not compile again
+    exit_now           end this process at once with one sentence (os._exit)
     interrupted        a Ctrl-C before training starts: one sentence, exit 130
 """
 
@@ -106,8 +107,15 @@ def use_compile_cache():
     return folder
 
 
+def exit_now(message, code):
+    """End this process at once with one sentence. os._exit: no waiting for other processes that may
+    have died (jax.distributed's shutdown), and no interpreter teardown under native threads that are
+    still running (the tokenizer's, XLA's), which can crash."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def interrupted(signum, frame):
-    """A Ctrl-C before training starts (loading JAX, reading data, compiling): one sentence, exit 130.
-    os._exit: no interpreter teardown under XLA's or the tokenizer's threads, which can crash."""
-    print("error: interrupted before training started; there was nothing to save", file=sys.stderr, flush=True)
-    os._exit(130)
+    """A Ctrl-C before training starts (loading JAX, reading data, compiling): one sentence, exit 130."""
+    exit_now("interrupted before training started; there was nothing to save", 130)

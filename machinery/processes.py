@@ -6,14 +6,12 @@
     Peers.gather      every process's rows of a batch, through a JAX collective
     Peers.vote        true on every process when true on any (a signal to one stops them all)
     Shares            the shares of the data that this process reads
-    exit_now(message)    end this process at once with one sentence
 """
 
 import dataclasses
 import math
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -21,16 +19,7 @@ import jax
 import numpy as np
 
 import data
-from machinery.cli import BadFlag, UserError, number
-
-
-def exit_now(message, code):
-    """End this process at once with one sentence. os._exit: no waiting for other processes that may
-    have died (jax.distributed's shutdown), and no interpreter teardown under native threads that are
-    still running (the tokenizer's, XLA's), which can crash."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
+from machinery.cli import BadFlag, UserError, exit_now, number
 
 
 class Stopped(UserError):
@@ -145,12 +134,12 @@ class Peers:
                     heard[q] = (now, time.monotonic())
                 elif time.monotonic() - since > self.timeout and not self.closing.is_set():
                     exit_now(f"process {q} has not been heard from for {self.timeout:g} s, so it has stopped "
-                          "(or its machine has); the last good checkpoint is kept: fix it and rerun every "
-                          "process with --resume", 1)
+                             "(or its machine has); the last good checkpoint is kept: fix it and rerun every "
+                             "process with --resume", 1)
 
     def _gone(self, e):
-        exit_now(f"the coordinator at {self.address} stopped answering ({str(e).splitlines()[0][:80]}), so process 0 "
-              "has probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
+        exit_now(f"the coordinator at {self.address} stopped answering ({str(e).splitlines()[0][:80]}), so "
+                 "process 0 has probably stopped; the last good checkpoint is kept: rerun every process with --resume", 1)
 
     def _try(self, key):
         """The value under `key`, or None while nobody has put it there; a failing store ends this process."""
