@@ -20,9 +20,9 @@ with their min and max, beside the FLOP limit: the ratio the work alone allows (
 --breakdown times both steps cut into parts (body, head and loss, gathers, generator or table lookup,
 AdamW) and whole, and prints a markdown table with each part's wall and CPU time and fresh memory.
 
---report runs the whole check in one command (at most ~8 minutes on one H200): 60M and 421M, both
-models, the paper's 512 x 512-token batch with a micro-batch that fits, Zipf ids, bfloat16; it prints
-a markdown report (device, JAX version, every figure above, the ratios) and writes it to
+--report runs the whole check in one command: 60M and 421M, both models, the paper's 512 x 512-token
+batch with a micro-batch that fits, Zipf ids, bfloat16 (2.5 minutes on one H200 with --budget 40); it
+prints a markdown report (device, JAX version, every figure above, the ratios) and writes it to
 --report-file. On a CPU it runs a reduced version (smaller batches) in a few minutes.
 """
 
@@ -207,8 +207,8 @@ def model_batch(args):
                      micro_batch=args.micro_batch, attention=args.attention)
     if args.dtype:
         overrides["dtype"] = args.dtype
-    if args.sparse_mixing:
-        overrides["sparse_mixing"] = True
+    if args.mixing:
+        overrides["sparse_mixing"] = args.mixing == "sparse"
     cfgs = [lv.config(args.size, model, **overrides) for model in args.models]
     if args.data:
         tokens = real_tokens(args.data, args.batch_size, args.seq_len)
@@ -473,7 +473,8 @@ def make_parser():
     add("--budget", type=number(0, whole=False, strict=True), default=120.0, help="--rounds 0: seconds of timed rounds per shape")
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
     add("--attention", default="xla", choices=lv.ATTENTION)
-    add("--sparse-mixing", action="store_true", help="Leviathan: the generator's 3-knot mixing (Config.sparse_mixing)")
+    add("--mixing", choices=("dense", "sparse"), help="Leviathan's spline mixing: the matmul or 3 knots "
+        "(Config.sparse_mixing; default: sparse on an accelerator, dense on CPU)")
     add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     add("--loader", action="store_true", help="measure the data loader alone")
     add("--breakdown", action="store_true", help="both steps part by part: a markdown table")

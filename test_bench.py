@@ -106,6 +106,14 @@ def test_flop_limit_counts_generator_recomputation_and_optimizer():
     assert 1.02 < bench.flop_limit(sparse, 16 * 128, n_ids) < 1.05  # 3 knots: the maths' own limit
 
 
+def test_bench_mixing_flag_chooses_the_generators_spline_mixing():
+    def mixing(*flags):
+        args = bench.make_parser().parse_args(["--batch-size", "2", "--seq-len", "16", *flags])
+        return [cfg.sparse_mixing for cfg in bench.model_batch(args)[0]]
+    assert mixing("--mixing", "sparse") == [True, True] and mixing("--mixing", "dense") == [False, False]
+    assert mixing() == [jax.default_backend() != "cpu"] * 2  # the device's default: dense on a CPU
+
+
 @pytest.mark.slow
 def test_bench_breakdown_prints_every_part(capsys):
     cell = bench.main(["--size", "tiny", "--batch-size", "2", "--seq-len", "16", "--breakdown", "--rounds", "1"])

@@ -316,10 +316,12 @@ REPRODUCED_STEPS = int(os.environ.get("LEVIATHAN_REPRODUCE_STEPS", "10"))
 # committed logs (made on an AVX2 machine), Leviathan / dense, at steps 1, 10, 20, 25: an AMD EPYC with
 # AVX-512 +2.9e-6, +9.5e-7, +1.7e-5, +1.1e-5 / +2.9e-6, +9.5e-7, -9.5e-7, 0; the same machine capped at
 # AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2) 0, -9.5e-7, +1.7e-5, +9.5e-6; on one core (taskset -c 0) +2.9e-6,
-# +9.5e-7, +5.7e-6, -9.5e-7. The drift grows with the steps (the
-# issue's AMD measured +1.9e-5 at 30); 1e-4 is five times the largest seen, and a real change (another
-# learning rate, data order or model) moves the loss by 1e-3 or more within 10 steps.
-REPRODUCE_TOLERANCE = 1e-4
+# +9.5e-7, +5.7e-6, -9.5e-7; another AMD EPYC with AVX-512, a later session, 0, -9.5e-7, +7.2e-5, +4.4e-5 /
+# +1.9e-6, 0, +9.5e-7, 0. Up to step 10 the drift stays under 3e-6, and 1e-4 is 30 times that; after
+# the warm-up it grows (7.2e-5 at step 20), so later steps get 5e-4. A real change (another learning
+# rate, data order or model) moves the loss by 1e-3 or more within 10 steps.
+REPRODUCE_TOLERANCE = 1e-4  # steps 1 to 10: what CI checks
+LATER_TOLERANCE = 5e-4  # steps after 10 (LEVIATHAN_REPRODUCE_STEPS=25)
 
 
 @pytest.mark.slow
@@ -341,7 +343,8 @@ def test_cpu_tier_reproduces_the_committed_losses(model, tmp_path, env, o200k):
     assert [r["step"] for r in expected] == sorted(got) and len(expected) >= 2
     for r in expected:
         assert got[r["step"]]["data_hash"] == r["data_hash"]
-        assert abs(got[r["step"]]["train_loss"] - r["train_loss"]) <= REPRODUCE_TOLERANCE, (r["step"], got[r["step"]])
+        tolerance = REPRODUCE_TOLERANCE if r["step"] <= 10 else LATER_TOLERANCE
+        assert abs(got[r["step"]]["train_loss"] - r["train_loss"]) <= tolerance, (r["step"], got[r["step"]])
 
 
 # --- signals: one sentence, and never a lost checkpoint ----------------------------------------------
