@@ -34,15 +34,19 @@ import os
 import resource
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from machinery import cli  # no JAX in it: quick to load
 
-import data
-import leviathan as lv
-from machinery import cli
-from machinery.cli import number
+if __name__ == "__main__":  # a Ctrl-C, even while JAX loads, ends in one sentence
+    cli.end_on_ctrl_c("interrupted; bench.py writes only its --report file, at the end, so nothing is lost")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import data  # noqa: E402
+import leviathan as lv  # noqa: E402
+from machinery.cli import number  # noqa: E402
 
 
 def zipf_tokens(rng, n_seqs, seq_len, vocab_size, exponent=1.0):

@@ -29,6 +29,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+
+from machinery import cli  # noqa: E402 -- no JAX in it: quick to load
+
+if __name__ == "__main__":  # a Ctrl-C, even while JAX loads, ends in one sentence
+    cli.end_on_ctrl_c("interrupted before inside.py finished; rerun it for its figures and inside.md")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,7 +42,6 @@ import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import leviathan as lv  # noqa: E402
-from machinery import cli  # noqa: E402
 
 CHUNK = 2048  # ids per generator call: bounds the (d_seed, ids, rank) intermediates
 CONTROL_SEED = 12_345  # the random relabelling whose digits are the neighbours' control

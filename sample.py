@@ -11,13 +11,17 @@ import argparse
 import os
 import sys
 
-import jax
-import numpy as np
+from machinery import cli  # no JAX in it: quick to load
 
-import data
-import leviathan as lv
-from machinery import cli
-from machinery.cli import UserError, number
+if __name__ == "__main__":  # a Ctrl-C, even while JAX loads, ends in one sentence
+    cli.end_on_ctrl_c("interrupted; sample.py writes no file, so nothing is lost")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import data  # noqa: E402
+import leviathan as lv  # noqa: E402
+from machinery.cli import UserError, number  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -1,11 +1,14 @@
-"""sample.py: the same seed prints the same text; its errors are one sentence."""
+"""sample.py: the same seed prints the same text; its errors are one sentence, a Ctrl-C too."""
+
+import signal
+import time
 
 import jax
 import pytest
 
 import leviathan as lv
 import sample
-from conftest import BYTES, small_config
+from conftest import BYTES, small_config, start
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +35,12 @@ def test_sample_py_errors_are_one_sentence(case, sample_run, tmp_path, capsys):
     assert sample.main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and named in err, err
+
+
+@pytest.mark.slow
+def test_sample_py_ctrl_c_while_jax_loads_is_one_sentence(sample_run, env):
+    proc = start([str(sample_run), "--tokens", "2000"], env, script="sample.py")
+    time.sleep(0.5)  # importing JAX takes seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "error: interrupted; sample.py writes no file, so nothing is lost\n", err

@@ -30,7 +30,7 @@ import time
 from machinery import cli  # no JAX in it: quick to load
 
 if __name__ == "__main__":  # a Ctrl-C while JAX loads (seconds) ends in one sentence too
-    signal.signal(signal.SIGINT, cli.interrupted)
+    cli.end_on_ctrl_c("interrupted before training started; there was nothing to save")
 
 import jax  # noqa: E402
 

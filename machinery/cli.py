@@ -8,13 +8,14 @@ the compilation cache).
     config_setting     --set FIELD=VALUE for any field of leviathan.Config, parsed by the field's type
     use_compile_cache  JAX's persistent compilation cache, so a rerun does not compile again
     exit_now           end this process at once with one sentence (os._exit)
-    interrupted        a Ctrl-C before training starts: one sentence, exit 130
+    end_on_ctrl_c      from now on a Ctrl-C ends the process with one sentence, exit 130
 """
 
 import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
 
 
@@ -116,6 +117,8 @@ def exit_now(message, code):
     os._exit(code)
 
 
-def interrupted(signum, frame):
-    """A Ctrl-C before training starts (loading JAX, reading data, compiling): one sentence, exit 130."""
-    exit_now("interrupted before training started; there was nothing to save", 130)
+def end_on_ctrl_c(sentence):
+    """From now on a Ctrl-C ends this process at once with `sentence`, exit 130. Set before JAX loads
+    (seconds), where a Ctrl-C would otherwise surface as an ImportError's traceback; train.py's loop
+    sets its own handler once there is a checkpoint to keep."""
+    signal.signal(signal.SIGINT, lambda signum, frame: exit_now(sentence, 130))

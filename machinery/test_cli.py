@@ -1,7 +1,11 @@
-"""machinery/cli.py: the one number parser, --set, and where the compilation cache lives."""
+"""machinery/cli.py: the one number parser, --set, where the compilation cache lives, and Ctrl-C."""
 
 import argparse
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -48,3 +52,17 @@ def test_the_compilation_cache_lives_in_the_users_cache_and_can_be_turned_off(mo
     for off in ("off", "0"):
         monkeypatch.setenv("LEVIATHAN_COMPILE_CACHE", off)
         assert cli.compile_cache_dir() is None
+
+
+def test_end_on_ctrl_c_ends_the_process_with_one_sentence():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "from machinery import cli; cli.end_on_ctrl_c('interrupted; nothing was lost'); print('ready', flush=True); " \
+           "import time; time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=here, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    start = time.perf_counter()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err == "error: interrupted; nothing was lost\n"
+    assert time.perf_counter() - start < 10  # at once, not after the sleep
