@@ -36,7 +36,7 @@ and each checked against the plain path by a test:
   - micro-batches: the body runs over slices of the batch under lax.scan, accumulating gradients,
     and each device's rows split locally (`split_micro_batches`).
 One more depends on the device (cfg.sparse_mixing, on by default off a CPU): the spline mixing from
-each coordinate's 3 non-zero knots (`sparse_mixing`), faster on a GPU, no faster on XLA's CPU backend.
+each coordinate's 3 non-zero knots (`sparse_mixing`), faster on an H200, no faster on XLA's CPU backend.
 """
 
 import collections
@@ -170,8 +170,9 @@ def default_dtype():
 
 
 def default_sparse_mixing():
-    """The generator's 3-knot mixing (sparse_mixing) on an accelerator, where it measured faster; the
-    dense matmul on CPU, where the two cost about the same and the committed CPU results used it."""
+    """The generator's 3-knot mixing (sparse_mixing) off a CPU (measured faster on an H200; other
+    accelerators unmeasured); the dense matmul on a CPU, where the two cost about the same and the
+    committed CPU results used it."""
     return jax.default_backend() != "cpu"
 
 
