@@ -110,7 +110,9 @@ class Peers:
         if self.client is None:
             return flag
         self.client.key_value_set(f"{key}/{self.index}", str(int(flag)))
-        return flag or any(self._get(f"{key}/{q}") == b"1" for q in range(self.count) if q != self.index)
+        # every other vote is read, even when this one is true: so a vote is also a barrier
+        others = [self._get(f"{key}/{q}") for q in range(self.count) if q != self.index]
+        return flag or b"1" in others
 
     def barrier(self, name):
         """Wait until every process has reached `name`."""

@@ -5,13 +5,46 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 
 import pytest
 
 from conftest import RUN, read_log, start, wait_for_step
 from machinery import run_folder
+from machinery.processes import Peers
 
+
+
+class Store:
+    """A key-value store as jax.distributed's client shows it: a missing key is NOT_FOUND."""
+
+    def __init__(self):
+        self.values = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.values[key] = value.encode()
+
+    def key_value_try_get_bytes(self, key):
+        if key not in self.values:
+            raise KeyError(f"NOT_FOUND: {key}")
+        return self.values[key]
+
+
+def test_a_barrier_waits_for_every_process_and_a_vote_reads_every_vote():
+    store = Store()
+    first = Peers(index=0, count=2, client=store)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (first.barrier("saved/4"), done.set()), daemon=True)
+    waiter.start()
+    assert not done.wait(0.3)  # process 1 has not reached the barrier: process 0 waits
+    store.key_value_set("saved/4/1", "1")
+    assert done.wait(5)
+    second = Peers(index=1, count=2, client=store)
+    store.key_value_set("stop/7/0", "0")
+    assert second.vote("stop/7", True) is True and first.vote("stop/7", False) is True  # one true: all stop
+    store.key_value_set("stop/8/1", "0")
+    assert first.vote("stop/8", False) is False
 
 # --- several processes: jax.distributed on 127.0.0.1, one CPU device each ----------------------------
 
