@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -51,6 +52,15 @@ def skip_without(*names):
     for name in names:
         if problem := encoding_problem(name):
             pytest.skip(problem)
+
+
+def tiktoken_cache_dir():
+    """The folder tiktoken keeps its downloaded files in, in tiktoken's own order: TIKTOKEN_CACHE_DIR,
+    DATA_GYM_CACHE_DIR, else data-gym-cache in the temporary folder."""
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if name in os.environ:
+            return os.environ[name]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import pytest
 
 import leviathan as lv
 import train
-from conftest import BYTES, HERE, MINIPILE, RUN, TIMING, read_log, skip_without, start, wait_for_step, words, write_shard
+from conftest import (BYTES, HERE, MINIPILE, RUN, TIMING, read_log, skip_without, start, tiktoken_cache_dir,
+                      wait_for_step, words, write_shard)
 from machinery import checks, http_reader, processes, run_folder
 
 
@@ -183,7 +184,7 @@ def test_unknown_size_lists_the_valid_ones():
 
 
 @pytest.mark.slow
-def test_a_fresh_clone_trains_offline_on_text_files_it_is_given(tmp_path, o200k):
+def test_a_fresh_clone_trains_offline_on_text_files_it_is_given(tmp_path, o200k, env):
     """The README's offline form in a bare folder: only the learner's scripts and the machinery, the
     o200k file in the user's tiktoken cache, two text files written here."""
     clone = tmp_path / "clone"
@@ -193,20 +194,19 @@ def test_a_fresh_clone_trains_offline_on_text_files_it_is_given(tmp_path, o200k)
         (clone / name).write_bytes(Path(HERE, name).read_bytes())
     cache = tmp_path / "tiktoken-cache"
     cache.mkdir()
-    o200k = "fb374d419588a4632f3f557e76b4b70aebbca790"  # tiktoken's cache name of o200k_base
-    (cache / o200k).write_bytes(Path(os.environ["TIKTOKEN_CACHE_DIR"], o200k).read_bytes())
+    cache_name = "fb374d419588a4632f3f557e76b4b70aebbca790"  # tiktoken's cache name of o200k_base
+    (cache / cache_name).write_bytes(Path(tiktoken_cache_dir(), cache_name).read_bytes())
     rng = np.random.default_rng(0)
     vocab = "the a river stone light ran under seven green fields and north of paper".split()
     for name, n in (("book.txt", 4000), ("other.txt", 600)):
         text = "\n\n".join(" ".join(rng.choice(vocab, 60)) + "." for _ in range(n // 60))
         (tmp_path / name).write_text(text)
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache)}
-    env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, "train.py", "--size", "tiny", "--data", str(tmp_path / "book.txt"),
                              "--val-data", str(tmp_path / "other.txt"), "--steps", "5", "--batch-size", "4",
                              "--seq-len", "64", "--eval-tokens", "256", "--out", "runs/text",
                              "--set", "gen_combine=sum", "--set", "gen_knots=8"],
-                            cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+                            cwd=clone, env={**env, "TIKTOKEN_CACHE_DIR": str(cache)}, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     log = read_log(clone / "runs" / "text")
     assert log[-1]["step"] == 5 and log[-1]["val_loss"] < log[0]["train_loss"]
