@@ -47,24 +47,20 @@ CHUNK = 2048  # ids per generator call: bounds the (d_seed, ids, rank) intermedi
 CONTROL_SEED = 12_345  # the random relabelling whose digits are the neighbours' control
 
 
-class RunError(Exception):
-    """A run folder that cannot be analysed; the message is one sentence."""
-
-
 # ---------------------------------------------------------------- reading a run
 
 def read_run(run_dir):
-    """{"name", "dir", "config", "params", "cfg", "step"} of a run folder, or RunError."""
+    """{"name", "dir", "config", "params", "cfg", "step"} of a run folder, or cli.UserError."""
     run_dir = Path(run_dir)
     if not (run_dir / "params.npz").is_file() or not (run_dir / "config.json").is_file():
-        raise RunError(f"{run_dir} holds no params.npz and config.json (a finished train.py run); train it "
-                       f"first, for example with bash lab.sh inside")
+        raise cli.UserError(f"{run_dir} holds no params.npz and config.json (a finished train.py run); train "
+                            f"it first, for example with bash results/lab/commands.sh f")
     try:
         params, cfg, meta = lv.load_params(str(run_dir / "params.npz"))
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{run_dir}/params.npz or config.json cannot be read ({type(e).__name__}); "
-                       f"train the run again") from None
+        raise cli.UserError(f"{run_dir}/params.npz or config.json cannot be read ({type(e).__name__}); "
+                            f"train the run again") from None
     return {"name": run_dir.name, "dir": run_dir, "config": config, "params": params, "cfg": cfg,
             "step": int(meta.get("step", 0))}
 
@@ -153,10 +149,12 @@ def effective_rank(magnitudes):
     return effective_number(np.asarray(magnitudes, float) ** 2)
 
 
+embed = jax.jit(lv.embed, static_argnames="cfg")  # one compiled program per config and chunk shape
+
+
 def embeddings(params, ids, cfg):
     """Input embeddings of ids (N,) -> (N, d_model) as numpy, the generator called in chunks."""
-    run = jax.jit(functools.partial(lv.embed, cfg=cfg))
-    return np.concatenate([np.asarray(run(params, jnp.asarray(ids[i:i + CHUNK])))
+    return np.concatenate([np.asarray(embed(params, jnp.asarray(ids[i:i + CHUNK]), cfg=cfg))
                            for i in range(0, len(ids), CHUNK)])
 
 
@@ -241,8 +239,9 @@ def measure(run, n_ids, n_queries, k):
             gen = params["generator"]
             z = lv.seeds(gen, jnp.asarray(seen), cfg)
             heads = [head(gen, h) for h in range(cfg.gen_heads)]
-            m[f"u {when}"] = [np.asarray(spline_inputs(hp, z, cfg)).ravel() for hp in heads]
-            m[f"knot mass {when}"] = [knot_mass(spline_inputs(hp, z, cfg), cfg) for hp in heads]
+            us = [spline_inputs(hp, z, cfg) for hp in heads]
+            m[f"u {when}"] = [np.asarray(u).ravel() for u in us]
+            m[f"knot mass {when}"] = [knot_mass(u, cfg) for u in us]
             m[f"modes {when}"] = [mode_magnitudes(hp, z, cfg) for hp in heads]
     return m
 
@@ -375,7 +374,7 @@ def main(argv=None):
     cli.use_compile_cache()
     try:
         runs = [measure(read_run(path), args.ids, args.queries, args.k) for path in args.runs]
-    except (RunError, cli.UserError) as e:
+    except cli.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = Path(args.out)
