@@ -104,12 +104,7 @@ def interleaved_rounds(models, n_steps, rounds, budget_s):
 def generator_seconds(cfg, params, ids, n_steps):
     """Seconds per step spent building the embedding table and sending its gradient back."""
     name = lv.EMBEDDING_PARAMS[cfg.model]
-
-    @jax.jit
-    def table_fwd_bwd(p, ids):
-        table, vjp = jax.vjp(lambda p: lv.embed({name: p}, ids, cfg), p)
-        return vjp(table)[0]  # any cotangent of the table's shape costs the same
-
+    table_fwd_bwd = backward_of(lambda p, ids: lv.embed({name: p}, ids, cfg))  # the breakdown's part
     jax.block_until_ready(table_fwd_bwd(params[name], ids))
     start = time.perf_counter()
     for _ in range(n_steps):

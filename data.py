@@ -41,7 +41,6 @@ PILE = "https://huggingface.co/datasets/monology/pile-uncopyrighted/resolve/main
 DEFAULT_DATA = [f"{PILE}/train/{i:02d}.jsonl.zst" for i in range(30)]
 DEFAULT_VAL = [f"{PILE}/val.jsonl.zst"]
 SHUFFLE_BUFFER = 10_000  # sequences in the shuffle buffer (paper: 10,000)
-N_BUCKETS = 5  # token-frequency buckets of the validation loss
 
 # ------------------------------------------------------------------------------------------------
 # 1. Sources
