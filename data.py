@@ -83,18 +83,27 @@ def files_under(folder):
     return sorted(found)
 
 
+def utf8_text(raw, final=True):
+    """Bytes -> str, or UnicodeDecodeError unless they are UTF-8 text without a NUL byte (final=False:
+    a character cut at the end of them is fine)."""
+    text = raw.decode("utf-8") if final else codecs.getincrementaldecoder("utf-8")().decode(raw)
+    if "\0" in text:
+        raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "a NUL byte")
+    return text
+
+
 def is_binary(path):
     """Whether a local, uncompressed text source is not UTF-8 text: a NUL byte or an invalid sequence
-    in its first 64 KB (a character cut at the end of them is fine)."""
+    in its first 64 KB."""
     if is_url(path) or not is_text(path) or path.endswith(".zst"):
         return False
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head)
+        utf8_text(head, final=False)
     except UnicodeDecodeError:
         return True
-    return b"\0" in head
+    return False
 
 
 def resolve_sources(specs, flag):
@@ -300,9 +309,7 @@ class BatchStream:
         if not document.strip():
             return None
         try:
-            text = document.decode("utf-8")
-            if "\0" in text:
-                raise UnicodeDecodeError("utf-8", document, document.index(b"\0"), 0, "a NUL byte")
+            text = utf8_text(document)
         except UnicodeDecodeError as e:
             raise DataError(f"{self.sources[self.shard]} is not UTF-8 text ({e.reason} in a document), so it was "
                             "not trained on; convert it to UTF-8 (iconv -t utf-8) or leave it out") from None
@@ -415,7 +422,8 @@ def unshuffled(sources, enc, seq_len):
 
 
 def sequences(stream):
-    """A stream's packed sequences (seq_len+1,) int32 in reading order, until it ends."""
+    """A stream's packed sequences (seq_len+1,) int32 in reading order, until it ends. (Not
+    iter(stream.next_sequence, None): that compares each array with None.)"""
     while (sequence := stream.next_sequence()) is not None:
         yield sequence
 
