@@ -36,6 +36,14 @@ def test_batches_do_not_depend_on_the_model(tmp_path):
         assert np.array_equal(streams["leviathan"].next_batch(), streams["dense"].next_batch())
 
 
+def test_data_shares_must_match_the_process_count(tmp_path):
+    path = write_shard(tmp_path / "m.jsonl.zst", words(100))
+    for shares in ("1", "3"):  # 1 too: each process would read the whole stream
+        args = train.parse_args(["--size", "tiny", "--data", path, "--data-shares", shares])
+        with pytest.raises(train.BadFlag, match=f"--data-shares {shares} differs from the 2 processes"):
+            train.make_stream(args, BYTES, [path], processes.Peers(index=0, count=2))
+
+
 def test_tokens_take_suffixes():
     args = train.parse_args(["--tokens", "2B", "--size", "tiny"])
     assert args.tokens == 2_000_000_000 and args.eval_tokens == 2_000_000
