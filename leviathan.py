@@ -275,7 +275,8 @@ def spline_basis(u, n_knots):
     """
     knots = jnp.linspace(0.0, 1.0, n_knots)  # (G,)
     t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., G) distance in knot units
-    b = jnp.where(t < 0.5, 0.75 - t**2, 0.5 * jnp.maximum(1.5 - t, 0.0) ** 2)  # 0 from |t| = 1.5 on
+    # speed: "else 0" as a maximum; a where's 0.0 became a full (..., G) array on XLA's CPU backend
+    b = jnp.where(t < 0.5, 0.75 - t**2, 0.5 * jnp.maximum(1.5 - t, 0.0) ** 2)
     # The row sum in closed form: 1 minus the missing outer knot's 0.5 (0.5 - distance)^2 within half
     # a knot of either end. Cheaper than b.sum(-1), a reduction over (..., G) forward and backward.
     x = u * (n_knots - 1)  # (...) position in knot units
@@ -387,7 +388,8 @@ def spline_window(u, n_knots):
     first = jnp.clip(jnp.round(u * (n_knots - 1)).astype(jnp.int32) - 1, 0, n_knots - 3)  # (...)
     knots = jnp.linspace(0.0, 1.0, n_knots)[first[..., None] + jnp.arange(3)]  # (..., 3)
     t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., 3) distance in knot units
-    b = jnp.where(t < 0.5, 0.75 - t**2, 0.5 * jnp.maximum(1.5 - t, 0.0) ** 2)
+    # the same values as spline_basis's; a where here: its maximum made the H200's 60M step 3% slower
+    b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
     x = u * (n_knots - 1)  # the row sum's closed form, as in spline_basis
     missing = 0.5 * (jnp.maximum(0.5 - x, 0.0) ** 2 + jnp.maximum(x - (n_knots - 1.5), 0.0) ** 2)
     return first, b / (1.0 - missing)[..., None]
