@@ -3,6 +3,7 @@
     python bench.py --size 60M --batch-size 4 --seq-len 512                 # model step time, both models
     python bench.py --size 421M --batch-size 64 --micro-batch 16            # on a GPU (bfloat16 by default)
     python bench.py --size 60M --batch-size 4 --seq-len 512 --breakdown     # both steps, part by part
+    python bench.py --size tiny --batch-size 16 --seq-len 128 --profile     # op time per function
     python bench.py --report                                                 # the whole accelerator check
     python bench.py --loader                                                 # data loader tokens/s
     python bench.py --loader --data corpus/minipile/00.jsonl.zst corpus/minipile/01.jsonl.zst
@@ -20,6 +21,9 @@ with their min and max, beside the FLOP limit: the ratio the work alone allows (
 --breakdown times both steps cut into parts (body, head and loss, gathers, generator or table lookup,
 AdamW) and whole, and prints a markdown table with each part's wall and CPU time and fresh memory.
 
+--profile traces --steps compiled steps of each model (jax.profiler) and prints their op time per
+leviathan.py function: where the whole step's time goes, fusion included (tested on the CPU backend).
+
 --report runs the whole check in one command: 60M and 421M, both models, the paper's 512 x 512-token
 batch with a micro-batch that fits, Zipf ids, bfloat16 (2.5 minutes on one H200 with --budget 40); it
 prints a markdown report (device, JAX version, every figure above, the ratios) and writes it to
@@ -27,11 +31,17 @@ prints a markdown report (device, JAX version, every figure above, the ratios) a
 """
 
 import argparse
+import collections
 import datetime
 import functools
+import glob
+import gzip
 import itertools
+import json
 import os
+import re
 import resource
+import tempfile
 import time
 
 from machinery import cli  # no JAX in it: quick to load
@@ -367,6 +377,73 @@ def breakdown_table(ms, rounds):
     return cell
 
 
+def op_functions(hlo_text, source="leviathan.py"):
+    """{op: the function of `source` it was traced from} for a compiled module's text, where XLA keeps
+    each op's stack_frame_id and the tables that resolve it (a frame's file, function and caller). An
+    op goes to the innermost frame in `source`; a fused op, to its root's."""
+    def table(title):  # rows "id {key=value ...}" or "id \"name\"", up to a blank line
+        block = re.search(rf"^{title}\n(.*?)(?:\n\n|\Z)", hlo_text, re.M | re.S)
+        rows = block.group(1).splitlines() if block else []
+        return {int(row.split()[0]): row.split(maxsplit=1)[1] for row in rows}
+
+    files, functions = table("FileNames"), table("FunctionNames")
+    locations = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in table("FileLocations").items()}
+    frames = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in table("StackFrames").items()}
+
+    def function_of(frame):
+        while frame in frames:
+            location = locations[int(frames[frame]["file_location_id"])]
+            if files[int(location["file_name_id"])].strip('"').endswith(source):
+                return functions[int(location["function_name_id"])].strip('"')
+            frame = int(frames[frame]["parent_frame_id"]) - 1  # the text prints the caller's id + 1; 0: none
+        return None
+
+    ops = re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = .*?stack_frame_id=(\d+)", hlo_text, re.M)
+    return {op: name for op, frame in ops if (name := function_of(int(frame)))}
+
+
+def profile_by_function(model, n_steps):
+    """A jax.profiler trace of n_steps steps of a prepared model: ms per step of its ops by
+    leviathan.py function (op_functions), "(other ops)" for the rest (optax's, XLA's copies, ops the
+    backend ran as a group: a GPU's command buffers), and "(wall clock)" for the steps themselves. Op
+    time can be less (time between ops: memory mapping, waits) or more (ops running side by side)."""
+    text = model["step"].as_text()
+    where, instructions = op_functions(text), set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = ", text, re.M))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            wall, _ = time_steps(model, n_steps)
+        [path] = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    ms = collections.Counter({"(wall clock)": 1e3 * wall})
+    for e in events:
+        args = e.get("args") or {}
+        op = args.get("hlo_op", e.get("name"))  # accelerators: the kernel's op; CPU: the op itself
+        if e.get("ph") == "X" and (op in instructions or "hlo_op" in args):
+            ms[where.get(op, "(other ops)")] += e["dur"] / 1e3 / n_steps  # microseconds
+    return ms
+
+
+def run_profile(args):
+    """Both models' compiled steps, traced: a markdown table of their op time per leviathan.py function."""
+    cfgs, host_batch, _ = model_batch(args)
+    ms = {}
+    for cfg in cfgs:
+        model = prepare_model(cfg, host_batch)
+        time_steps(model, 1)  # warm-up
+        m = ms[cfg.model] = profile_by_function(model, args.steps)
+        m["(all ops)"] = sum(v for k, v in m.items() if k != "(wall clock)")
+    dense, lev = (ms.get(m, collections.Counter()) for m in ("dense", "leviathan"))
+    shown = {n for n in (*dense, *lev) if not n.startswith("(") and max(dense[n], lev[n]) >= 0.05}  # 0.0: left out
+    functions = sorted(shown, key=lambda n: -max(dense[n], lev[n]))
+    lines = [f"Op time per step by leviathan.py function, ms ({args.steps} traced step(s) per model):", "",
+             "| function | dense ms | Leviathan ms | Leviathan - dense |", "|---|---|---|---|"]
+    for name in functions + ["(other ops)", "(all ops)", "(wall clock)"]:
+        lines.append(f"| {name} | {dense[name]:,.1f} | {lev[name]:,.1f} | {lev[name] - dense[name]:+,.1f} |")
+    print("\n".join(lines))
+    return ms
+
+
 # --report: (size, batch, seq_len, micro-batch, timed steps) per backend. The accelerator rows are the
 # paper's 512 x 512-token step; the CPU rows are the same sizes, reduced to run in a few minutes.
 REPORT = {
@@ -467,7 +544,7 @@ def make_parser():
     add("--batch-size", type=whole(1), default=8, help="sequences per optimizer step")
     add("--micro-batch", type=whole(0), default=0, help="sequences per pass, dividing the batch (0: all)")
     add("--seq-len", type=whole(1), default=512)
-    add("--steps", type=whole(1), default=1, help="timed steps per model and round")
+    add("--steps", type=whole(1), default=1, help="timed steps per model and round (--profile: traced ones)")
     add("--rounds", type=whole(0), default=0, help="interleaved rounds (0: as many as fit --budget, 3 or more)")
     add("--budget", type=number(0, whole=False, strict=True), default=120.0, help="--rounds 0: seconds of timed rounds per shape")
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
@@ -477,6 +554,7 @@ def make_parser():
     add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     add("--loader", action="store_true", help="measure the data loader alone")
     add("--breakdown", action="store_true", help="both steps part by part: a markdown table")
+    add("--profile", action="store_true", help="both steps traced: op time per leviathan.py function")
     add("--report", action="store_true", help="the whole accelerator check (see above)")
     add("--sizes", nargs="+", choices=list(lv.SIZES), help="--report: only these of its sizes")
     add("--report-file", default="bench_report.md", help="--report: markdown written here")
@@ -496,6 +574,8 @@ def main(argv=None):
         return run_report(args)
     if args.breakdown:
         return run_breakdown(args)
+    if args.profile:
+        return run_profile(args)
     return run_loader(args) if args.loader else run_models(args)
 
 

@@ -127,6 +127,30 @@ def test_bench_breakdown_prints_every_part(capsys):
         assert m["rest"][0] == pytest.approx(m["whole step"][0] - m["sum of the parts"][0])
 
 
+def doubled_rms_norm(x):  # an op of this file around leviathan.py's rms_norm: op_functions' two sources
+    return 2.0 * lv.rms_norm(x, jnp.ones(x.shape[-1]), 1e-5)
+
+
+def test_op_functions_charges_each_op_to_the_innermost_function_of_a_source():
+    text = jax.jit(doubled_rms_norm).lower(jnp.ones((2, 3))).compile().as_text()
+    in_leviathan, here = bench.op_functions(text), bench.op_functions(text, source="test_bench.py")
+    assert in_leviathan and set(in_leviathan.values()) == {"rms_norm"}
+    # rms_norm's ops are charged to their caller in this file: the walk up the stack frames
+    assert set(here.values()) == {"doubled_rms_norm"} and set(here) > set(in_leviathan)
+
+
+@pytest.mark.slow
+def test_bench_profile_charges_the_generator_to_leviathan_alone(capsys):
+    ms = bench.main(["--size", "tiny", "--batch-size", "2", "--seq-len", "16", "--profile"])
+    out = capsys.readouterr().out
+    assert ms["leviathan"]["spline_mixing"] > 0 and "spline_mixing" not in ms["dense"]
+    for m in ms.values():
+        assert m["cross_entropy"] > 0 and m["(wall clock)"] > 0
+        ops = [v for k, v in m.items() if k not in ("(all ops)", "(wall clock)")]
+        assert m["(all ops)"] == pytest.approx(sum(ops))
+    assert "| spline_mixing | 0.0 |" in out and "| (all ops) |" in out
+
+
 @pytest.mark.slow
 def test_bench_report_writes_a_markdown_report(tmp_path, capsys):
     assert [row[0] for row in bench.report_rows("gpu")] == ["60M", "421M"]
