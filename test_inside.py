@@ -10,14 +10,9 @@ import pytest
 
 import inside
 import leviathan as lv
+from conftest import small_config as small
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
-
-
-def small(model="leviathan", **overrides):
-    fields = dict(vocab_size=512, d_seed=32, gen_heads=2, gen_rank=16, gen_knots=8, seq_len=16, batch_size=4,
-                  dtype="float32")
-    return lv.config("tiny", model, **{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
