@@ -380,7 +380,8 @@ def breakdown_table(ms, rounds):
 def op_functions(hlo_text, source="leviathan.py"):
     """{op: the function of `source` it was traced from} for a compiled module's text, where XLA keeps
     each op's stack_frame_id and the tables that resolve it (a frame's file, function and caller). An
-    op goes to the innermost frame in `source`; a fused op, to its root's."""
+    op goes to the innermost frame in `source`; a fused op, to its root's. The ops of a jax.custom_vjp
+    function keep no frame of their own there: they go to its caller (spline_basis's to head_factors)."""
     def table(title):  # rows "id {key=value ...}" or "id \"name\"", up to a blank line
         block = re.search(rf"^{title}\n(.*?)(?:\n\n|\Z)", hlo_text, re.M | re.S)
         rows = block.group(1).splitlines() if block else []
@@ -393,7 +394,7 @@ def op_functions(hlo_text, source="leviathan.py"):
     def function_of(frame):
         while frame in frames:
             location = locations[int(frames[frame]["file_location_id"])]
-            if files[int(location["file_name_id"])].strip('"').endswith(source):
+            if os.path.basename(files[int(location["file_name_id"])].strip('"')) == source:
                 return functions[int(location["function_name_id"])].strip('"')
             frame = int(frames[frame]["parent_frame_id"]) - 1  # the text prints the caller's id + 1; 0: none
         return None
@@ -402,13 +403,22 @@ def op_functions(hlo_text, source="leviathan.py"):
     return {op: name for op, frame in ops if (name := function_of(int(frame)))}
 
 
+def control_flow_ops(hlo_text):
+    """The while, conditional and call ops of a compiled module's text. Their time is not counted: on
+    XLA's CPU backend a while op's trace event spans its body's ops, which are counted themselves."""
+    return set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = [^\n]*?\s(?:while|conditional|call)\(", hlo_text, re.M))
+
+
 def profile_by_function(model, n_steps):
     """A jax.profiler trace of n_steps steps of a prepared model: ms per step of its ops by
     leviathan.py function (op_functions), "(other ops)" for the rest (optax's, XLA's copies, ops the
     backend ran as a group: a GPU's command buffers), and "(wall clock)" for the steps themselves. Op
     time can be less (time between ops: memory mapping, waits) or more (ops running side by side)."""
     text = model["step"].as_text()
-    where, instructions = op_functions(text), set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = ", text, re.M))
+    where, control = op_functions(text), control_flow_ops(text)
+    instructions = set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = ", text, re.M))
+    if not where:
+        print("note: this compiled step's text has no stack-frame tables, so every op is under (other ops)")
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
             wall, _ = time_steps(model, n_steps)
@@ -419,7 +429,7 @@ def profile_by_function(model, n_steps):
     for e in events:
         args = e.get("args") or {}
         op = args.get("hlo_op", e.get("name"))  # accelerators: the kernel's op; CPU: the op itself
-        if e.get("ph") == "X" and (op in instructions or "hlo_op" in args):
+        if e.get("ph") == "X" and op not in control and (op in instructions or "hlo_op" in args):
             ms[where.get(op, "(other ops)")] += e["dur"] / 1e3 / n_steps  # microseconds
     return ms
 

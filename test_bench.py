@@ -5,6 +5,7 @@ Run: python -m pytest -q test_bench.py
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -131,12 +132,23 @@ def doubled_rms_norm(x):  # an op of this file around leviathan.py's rms_norm: o
     return 2.0 * lv.rms_norm(x, jnp.ones(x.shape[-1]), 1e-5)
 
 
+def repeated_sine(x):  # a while loop: its event spans its body's, so only the body's ops count
+    return jax.lax.scan(lambda c, _: (jnp.sin(c) * 1.01, None), x, None, length=50)[0]
+
+
 def test_op_functions_charges_each_op_to_the_innermost_function_of_a_source():
     text = jax.jit(doubled_rms_norm).lower(jnp.ones((2, 3))).compile().as_text()
     in_leviathan, here = bench.op_functions(text), bench.op_functions(text, source="test_bench.py")
     assert in_leviathan and set(in_leviathan.values()) == {"rms_norm"}
     # rms_norm's ops are charged to their caller in this file: the walk up the stack frames
     assert set(here.values()) == {"doubled_rms_norm"} and set(here) > set(in_leviathan)
+    assert not bench.op_functions(text, source="test_leviathan.py")  # a file name, not its ending
+    loop = jax.jit(repeated_sine).lower(jnp.ones(3)).compile().as_text()
+    whiles = set(re.findall(r"%?([\w.-]+) = [^\n]*\swhile\(", loop))
+    sine = re.search(r"%([\w.-]+) = \S+ sine\(", loop).group(1)  # the loop body's op
+    control = bench.control_flow_ops(loop)
+    assert whiles and whiles <= control and sine not in control
+    assert bench.op_functions(loop, source="test_bench.py")[sine] == "repeated_sine.<locals>.<lambda>"
 
 
 @pytest.mark.slow
@@ -146,8 +158,7 @@ def test_bench_profile_charges_the_generator_to_leviathan_alone(capsys):
     assert ms["leviathan"]["spline_mixing"] > 0 and "spline_mixing" not in ms["dense"]
     for m in ms.values():
         assert m["cross_entropy"] > 0 and m["(wall clock)"] > 0
-        ops = [v for k, v in m.items() if k not in ("(all ops)", "(wall clock)")]
-        assert m["(all ops)"] == pytest.approx(sum(ops))
+        assert m["(all ops)"] > m["cross_entropy"]
     assert "| spline_mixing | 0.0 |" in out and "| (all ops) |" in out
 
 
