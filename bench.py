@@ -377,6 +377,9 @@ def breakdown_table(ms, rounds):
     return cell
 
 
+OP = r"^\s*(?:ROOT )?%?([\w.-]+) = "  # an op's line in a compiled module's text: its name
+
+
 def op_functions(hlo_text, source="leviathan.py"):
     """{op: the function of `source` it was traced from} for a compiled module's text, where XLA keeps
     each op's stack_frame_id and the tables that resolve it (a frame's file, function and caller). An
@@ -399,14 +402,14 @@ def op_functions(hlo_text, source="leviathan.py"):
             frame = int(frames[frame]["parent_frame_id"]) - 1  # the text prints the caller's id + 1; 0: none
         return None
 
-    ops = re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = .*?stack_frame_id=(\d+)", hlo_text, re.M)
+    ops = re.findall(OP + r".*?stack_frame_id=(\d+)", hlo_text, re.M)
     return {op: name for op, frame in ops if (name := function_of(int(frame)))}
 
 
 def control_flow_ops(hlo_text):
     """The while, conditional and call ops of a compiled module's text. Their time is not counted: on
     XLA's CPU backend a while op's trace event spans its body's ops, which are counted themselves."""
-    return set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = [^\n]*?\s(?:while|conditional|call)\(", hlo_text, re.M))
+    return set(re.findall(OP + r"[^\n]*?\s(?:while|conditional|call)\(", hlo_text, re.M))
 
 
 def profile_by_function(model, n_steps):
@@ -416,7 +419,7 @@ def profile_by_function(model, n_steps):
     time can be less (time between ops: memory mapping, waits) or more (ops running side by side)."""
     text = model["step"].as_text()
     where, control = op_functions(text), control_flow_ops(text)
-    instructions = set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = ", text, re.M))
+    instructions = set(re.findall(OP, text, re.M))
     if not where:
         print("note: this compiled step's text has no stack-frame tables, so every op is under (other ops)")
     with tempfile.TemporaryDirectory() as folder:

@@ -176,7 +176,7 @@ class Run:
 def make_stream(args, enc, sources, peers):
     """The training stream of this process: data, tokenizer, seed and batch shape, never --model. Read in
     shares (several processes, or --data-shares), it is this process's shares (processes.Shares)."""
-    if (args.data_shares or peers.count) > 1 or peers.count > 1:  # Shares.of refuses a count that differs
+    if peers.count > 1 or (args.data_shares or 1) > 1:  # several processes: Shares.of checks --data-shares
         return processes.Shares.of(args, enc, sources, peers)
     return data.BatchStream(sources, enc, args.seq_len, args.batch_size, args.seed, args.shuffle_buffer,
                             threads=args.loader_threads)
