@@ -111,14 +111,6 @@ def head(gen, h):
     return {name: gen[name][h] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
 
 
-def spline_inputs(head_params, z, cfg):
-    """u (d_seed, U) in (0, 1): the points where head_factors evaluates the spline basis (its first
-    two lines; a test checks lv.spline_basis(u) @ S against lv.head_factors)."""
-    h = lv.layer_norm(lv.f32_matmul(z, head_params["W"]), head_params["ln_scale"], head_params["ln_bias"],
-                      cfg.ln_eps)
-    return jax.nn.sigmoid(h / cfg.gen_sigmoid_scale).T
-
-
 def knot_mass(u, cfg):
     """(gen_knots,): the basis weight each knot receives, summed over ids and coordinates. Every row of
     the basis sums to 1, so the masses add up to the number of ids times d_seed."""
@@ -239,7 +231,7 @@ def measure(run, n_ids, n_queries, k):
             gen = params["generator"]
             z = lv.seeds(gen, jnp.asarray(seen), cfg)
             heads = [head(gen, h) for h in range(cfg.gen_heads)]
-            us = [spline_inputs(hp, z, cfg) for hp in heads]
+            us = [lv.head_coordinates(hp, z, cfg) for hp in heads]  # where the basis is evaluated
             m[f"u {when}"] = [np.asarray(u).ravel() for u in us]
             m[f"knot mass {when}"] = [knot_mass(u, cfg) for u in us]
             m[f"modes {when}"] = [mode_magnitudes(hp, z, cfg) for hp in heads]

@@ -31,13 +31,13 @@ def run_dir(tmp_path_factory):
     return folder
 
 
-def test_spline_inputs_are_the_points_head_factors_uses():
+def test_knot_mass_is_the_basis_at_the_points_head_factors_uses():
     cfg = small()
     gen = inside.fresh_init(cfg, 0)["generator"]
     z = lv.seeds(gen, jnp.arange(100), cfg)
     for h in range(cfg.gen_heads):
         hp = inside.head(gen, h)
-        u = inside.spline_inputs(hp, z, cfg)
+        u = lv.head_coordinates(hp, z, cfg)
         assert u.shape == (cfg.d_seed, 100) and float(u.min()) > 0 and float(u.max()) < 1
         np.testing.assert_allclose(lv.spline_basis(u, cfg.gen_knots) @ (1.0 + hp["delta"]),
                                    lv.head_factors(hp, z, cfg), rtol=1e-6)
