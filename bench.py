@@ -151,17 +151,13 @@ OPTIMIZER_FLOPS = 20
 def step_flops(cfg, n_tokens, n_ids):
     """FLOPs the compiled train step does, by the model's own count: lv.flops_per_step, plus the
     forward passes recomputed in the backward pass (each block under cfg.remat; each generator head,
-    but with cfg.fused_modes, whose backward pass rebuilds the factors instead, and whose forward pass
-    mixes 3 knots), plus the optimizer's. n_ids: the padded distinct ids, every one of which is computed.
+    always), plus the optimizer's. n_ids: the padded distinct ids, every one of which is computed.
     Elementwise work (norms, softmax, spline basis, product) is not counted, in either model."""
     D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
     flops = lv.flops_per_step(cfg, n_tokens, n_ids)
     if cfg.remat:  # one more forward of every block: 2 per parameter-token, 4 L T D per token for attention
         flops += (2 * L * (4 * D * D + 3 * D * F) + 4 * L * cfg.seq_len * D) * n_tokens
-    if cfg.model == "leviathan" and cfg.fuses_modes:  # no head recomputed; the backward pass rebuilds
-        flops += 2 * cfg.gen_heads * cfg.d_seed * 3 * cfg.gen_rank * n_ids  # phi densely, after 3 knots
-    else:
-        flops += lv.flops_per_step(cfg, 0, n_ids) / 3  # the generator's share (6 per parameter-id) + 2
+    flops += lv.flops_per_step(cfg, 0, n_ids) / 3  # the generator's share (6 per parameter-id) + 2
     return flops + OPTIMIZER_FLOPS * lv.count_params(lv.param_shapes(cfg))
 
 
@@ -221,7 +217,7 @@ def model_batch(args):
     if args.dtype:
         overrides["dtype"] = args.dtype
     if args.mixing:
-        overrides.update(sparse_mixing=args.mixing == "sparse", fused_modes=args.mixing == "fused")
+        overrides["sparse_mixing"] = args.mixing == "sparse"
     cfgs = [lv.config(args.size, model, **overrides) for model in args.models]
     if args.data:
         tokens = real_tokens(args.data, args.batch_size, args.seq_len)
@@ -388,7 +384,7 @@ def op_functions(hlo_text, source="leviathan.py"):
     """{op: the function of `source` it was traced from} for a compiled module's text, where XLA keeps
     each op's stack_frame_id and the tables that resolve it (a frame's file, function and caller). An
     op goes to the innermost frame in `source`; a fused op, to its root's. The ops of a jax.custom_vjp
-    function keep no frame of their own there: they go to its caller (fused_modes's to generator_head)."""
+    function keep no frame of their own there: they go to its caller (spline_basis's to head_factors)."""
     def table(title):  # rows "id {key=value ...}" or "id \"name\"", up to a blank line
         block = re.search(rf"^{title}\n(.*?)(?:\n\n|\Z)", hlo_text, re.M | re.S)
         rows = block.group(1).splitlines() if block else []
@@ -566,9 +562,8 @@ def make_parser():
     add("--budget", type=number(0, whole=False, strict=True), default=120.0, help="--rounds 0: seconds of timed rounds per shape")
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
     add("--attention", default="xla", choices=lv.ATTENTION)
-    add("--mixing", choices=("dense", "sparse", "fused"), help="Leviathan's spline mixing: the matmul, 3 "
-        "knots (Config.sparse_mixing) or fused into the modes (Config.fused_modes); default: sparse on an "
-        "accelerator, fused on a CPU")
+    add("--mixing", choices=("dense", "sparse"), help="Leviathan's spline mixing: the matmul or 3 knots "
+        "(Config.sparse_mixing; default: sparse on an accelerator, dense on CPU)")
     add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     add("--loader", action="store_true", help="measure the data loader alone")
     add("--breakdown", action="store_true", help="both steps part by part: a markdown table")

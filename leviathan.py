@@ -31,15 +31,12 @@ and each checked against the plain path by a test:
     (section 7, `compute_grads`);
   - lax.scan over generator heads and over layers: one traced copy, so compile time does not grow
     with depth (`generate_embeddings`, `transformer`);
-  - jax.checkpoint: each block's activations, and each head's (but with fused_modes, below), are
-    recomputed in the backward pass instead of stored;
+  - jax.checkpoint: each head's and each block's activations are recomputed in the backward pass
+    instead of stored;
   - micro-batches: the body runs over slices of the batch under lax.scan, accumulating gradients,
     and each device's rows split locally (`split_micro_batches`).
-Two more depend on the device, each chosen where it was measured faster:
-  - off a CPU (cfg.sparse_mixing): the spline mixing from each coordinate's 3 non-zero knots
-    (`sparse_mixing`);
-  - on a CPU (cfg.fused_modes): each head's modes straight from those 3 knots, its factors never
-    stored, and no head recomputed (`fused_modes`).
+One more depends on the device (cfg.sparse_mixing, on by default off a CPU): the spline mixing from
+each coordinate's 3 non-zero knots (`sparse_mixing`), faster on an H200, no faster on XLA's CPU backend.
 """
 
 import collections
@@ -94,7 +91,6 @@ class Config:
     gen_rank: int = 64  # rank-1 separable modes per head
     gen_knots: int = 32  # uniform knots of the quadratic B-spline basis on [0, 1]
     sparse_mixing: bool = False  # speed: mix only each coordinate's 3 non-zero knots (config(): on off a CPU)
-    fused_modes: bool = False  # speed: each head's modes without storing its factors (config(): on on a CPU)
     gen_sigmoid_scale: float = 2.0  # u = sigmoid(LayerNorm(W z) / 2): squashes a seed into (0, 1)
     spline_init_std: float = 0.1  # spline coefficients S = 1 + 0.1 N(0, 1)
     ln_eps: float = 1e-5  # epsilon of the generator's LayerNorm
@@ -151,10 +147,6 @@ class Config:
     def base(self):
         return digit_base(self.vocab_size, self.n_digits)
 
-    @property
-    def fuses_modes(self):  # fused_modes makes a product's modes; the "sum" ablation keeps the factors
-        return self.fused_modes and self.gen_combine == "product"
-
 
 # The paper's sizes, reconstructed from its parameter counts. The name is the Leviathan model's size;
 # "iso-body" pairs share the body, "isoparametric" pairs spend the saved table on more layers.
@@ -179,14 +171,9 @@ def default_dtype():
 
 def default_sparse_mixing():
     """The generator's 3-knot mixing (sparse_mixing) off a CPU (measured faster on an H200; other
-    accelerators unmeasured); on a CPU the dense matmul, where the two cost about the same."""
+    accelerators unmeasured); the dense matmul on a CPU, where the two cost about the same and the
+    committed CPU results used it."""
     return jax.default_backend() != "cpu"
-
-
-def default_fused_modes():
-    """fused_modes on a CPU, where it was measured faster (bench.py, the tiny step); accelerators keep
-    sparse_mixing with each head under jax.checkpoint (measured on an H200, where fused_modes is not)."""
-    return jax.default_backend() == "cpu"
 
 
 def config(size="tiny", model="leviathan", **overrides):
@@ -198,7 +185,7 @@ def config(size="tiny", model="leviathan", **overrides):
     s = SIZES[size]
     fields = dict(model=model, d_model=s["d_model"], n_heads=s["n_heads"],
                   n_layers=s[f"{model}_layers"], lr=s["lr"], dtype=default_dtype(),
-                  sparse_mixing=default_sparse_mixing(), fused_modes=default_fused_modes())
+                  sparse_mixing=default_sparse_mixing())
     return Config(**{**fields, **overrides})
 
 
@@ -398,20 +385,14 @@ def spline_mixing(basis, S):
 def spline_window(u, n_knots):
     """spline_basis's non-zero part: u (...) -> the first of 3 consecutive knots (...) int32 and
     their basis values (..., 3); every other knot's value is 0. Same formula, same knots."""
-    x = u * (n_knots - 1)  # (...) position in knot units
-    first = jnp.clip(jnp.round(x).astype(jnp.int32) - 1, 0, n_knots - 3)  # (...)
+    first = jnp.clip(jnp.round(u * (n_knots - 1)).astype(jnp.int32) - 1, 0, n_knots - 3)  # (...)
+    knots = jnp.linspace(0.0, 1.0, n_knots)[first[..., None] + jnp.arange(3)]  # (..., 3)
+    t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., 3) distance in knot units
+    # the same values as spline_basis's; a where here: its maximum made the H200's 60M step 3% slower
+    b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
+    x = u * (n_knots - 1)  # the row sum's closed form, as in spline_basis
     missing = 0.5 * (jnp.maximum(0.5 - x, 0.0) ** 2 + jnp.maximum(x - (n_knots - 1.5), 0.0) ** 2)
-
-    def value(k):  # (...) the basis at knot first + k
-        knot = (first + k).astype(u.dtype) / (n_knots - 1)  # its place in [0, 1], as in spline_basis
-        t = jnp.abs(u - knot) * (n_knots - 1)  # distance in knot units
-        # a where here: its maximum made the H200's 60M step 3% slower
-        b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
-        return b / (1.0 - missing)
-
-    # speed: knot by knot on (...) arrays, so the gradient adds 3 terms; over a (..., 3) array it was a
-    # reduction that XLA's CPU backend ran slowly, after a gather of the knots (the tiny generator: -5%)
-    return first, jnp.stack([value(k) for k in range(3)], axis=-1)
+    return first, b / (1.0 - missing)[..., None]
 
 
 def knot_rows(S, knot):
@@ -448,46 +429,18 @@ def _sparse_mixing_bwd(residuals, g):
 sparse_mixing.defvjp(_sparse_mixing_fwd, _sparse_mixing_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def fused_modes(u, S, n_knots):
-    """separable_product(spline_mixing(spline_basis(u), S)) without storing the factors phi:
-    u (d, U) in (0, 1), S (d, G, R) -> modes (U, R).
-
-    speed: the forward pass mixes spline_window's 3 knots (sparse_mixing), which XLA fuses into the
-    product, so the (d, U, R) factors are never written out. The residuals (u, S, the modes) are small,
-    so the head needs no jax.checkpoint. The backward pass rebuilds phi by the dense matmul (on XLA's
-    CPU backend faster than the 3-knot gathers written out) and runs the dense form's gradient.
-    Measured on a 2-core CPU: the tiny step's generator (1,536 ids, forward and backward) 420 -> 365 ms,
-    bench.py's tiny ratio 1.12-1.14x -> 1.10x. A test checks values and gradients against the dense form."""
-    return separable_product(sparse_mixing(*spline_window(u, n_knots), S))
-
-
-def _fused_modes_fwd(u, S, n_knots):
-    modes = fused_modes(u, S, n_knots)
-    return modes, (u, S, modes)
-
-
-def _fused_modes_bwd(n_knots, residuals, g):
-    u, S, modes = residuals
-    phi, mixing_vjp = jax.vjp(lambda u, S: spline_mixing(spline_basis(u, n_knots), S), u, S)  # (d, U, R)
-    return mixing_vjp(*_separable_product_bwd((phi, modes), g))
-
-
-fused_modes.defvjp(_fused_modes_fwd, _fused_modes_bwd)
-
-
 def head_coordinates(head, z, cfg):
-    """One head's coordinates: seeds (U, d_seed) -> u = sigmoid(LayerNorm(W z) / 2), (d_seed, U) in (0, 1).
-
-    The seed coordinate d leads, so the spline mixing is one batched matmul per coordinate,
-    (U, G) @ (G, R), and the product over d runs over the leading axis."""
+    """One head's coordinates: seeds (U, d_seed) -> u = sigmoid(LayerNorm(W z) / 2), (d_seed, U) in (0, 1)."""
     h = layer_norm(f32_matmul(z, head["W"]), head["ln_scale"], head["ln_bias"], cfg.ln_eps)  # (U, d_seed)
     return jax.nn.sigmoid(h / cfg.gen_sigmoid_scale).T  # (d_seed, U)
 
 
 def head_factors(head, z, cfg):
-    """One head's factors: seeds (U, d_seed) -> phi (d_seed, U, rank), the modes' 128 factors."""
-    u = head_coordinates(head, z, cfg)  # (d_seed, U)
+    """One head's factors: seeds (U, d_seed) -> phi (d_seed, U, rank), the modes' 128 factors.
+
+    The seed coordinate d leads, so the spline mixing is one batched matmul per coordinate,
+    (U, G) @ (G, R), and the product over d runs over the leading axis."""
+    u = head_coordinates(head, z, cfg)  # (d_seed, U) in (0, 1)
     if cfg.sparse_mixing:  # speed: 3 knots of G (sparse_mixing)
         return sparse_mixing(*spline_window(u, cfg.gen_knots), 1.0 + head["delta"])
     basis = spline_basis(u, cfg.gen_knots)  # (d_seed, U, G)
@@ -496,11 +449,8 @@ def head_factors(head, z, cfg):
 
 def generator_head(head, z, cfg):
     """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model)."""
-    if cfg.fuses_modes:  # speed: the same modes, the factors never stored (fused_modes)
-        modes = fused_modes(head_coordinates(head, z, cfg), 1.0 + head["delta"], cfg.gen_knots)  # (U, R)
-    else:
-        phi = head_factors(head, z, cfg)  # (d_seed, U, R)
-        modes = separable_product(phi) if cfg.gen_combine == "product" else phi.mean(0)  # (U, R)
+    phi = head_factors(head, z, cfg)  # (d_seed, U, R)
+    modes = separable_product(phi) if cfg.gen_combine == "product" else phi.mean(0)  # (U, R)
     return f32_matmul(modes, head["Wout"])  # (U, D)
 
 
@@ -509,11 +459,8 @@ def generate_embeddings(gen, ids, cfg):
     z = seeds(gen, ids, cfg)  # (U, d_seed)
     heads = {name: gen[name] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
     # speed: heads run one after another (lax.scan) and are recomputed in the backward pass
-    # (checkpoint), so only one head's (d_seed, U, rank) intermediates are alive at a time; with
-    # fused_modes no head keeps any, and the recomputation would only cost time.
-    head_fn = functools.partial(generator_head, cfg=cfg)
-    if not cfg.fuses_modes:
-        head_fn = jax.checkpoint(head_fn)
+    # (checkpoint), so only one head's (d_seed, U, rank) intermediates are alive at a time.
+    head_fn = jax.checkpoint(functools.partial(generator_head, cfg=cfg))
 
     def add_head(e, head):
         return e + head_fn(head, z), None

@@ -4,7 +4,6 @@ report. No timing is asserted: speed is what `python bench.py` prints.
 Run: python -m pytest -q test_bench.py
 """
 
-import dataclasses
 import os
 import re
 
@@ -94,7 +93,7 @@ def test_ratio_summary_is_the_median_of_per_round_ratios():
 
 def test_flop_limit_counts_generator_recomputation_and_optimizer():
     n_tokens, n_ids = 4 * 512, 1536
-    cfgs = [lv.config("60M", model, seq_len=512, fused_modes=False) for model in lv.MODELS]
+    cfgs = [lv.config("60M", model, seq_len=512) for model in lv.MODELS]
     lev, dense = (bench.step_flops(cfg, n_tokens, n_ids) for cfg in cfgs)
     generator = lv.flops_per_step(cfgs[0], 0, n_ids)  # forward and backward: 6 per parameter-id
     optimizer = bench.OPTIMIZER_FLOPS * (lv.count_params(lv.param_shapes(cfgs[0]))
@@ -102,25 +101,18 @@ def test_flop_limit_counts_generator_recomputation_and_optimizer():
     assert lev - dense == pytest.approx(generator * 8 / 6 + optimizer)  # + its recomputed forward
     assert optimizer < 0  # the dense table's AdamW is work Leviathan does not do
     assert 1.03 < bench.flop_limit(cfgs, n_tokens, n_ids) < 1.05  # the issue's "about 1.04x" at 60M, 4 x 512
-    fused = bench.step_flops(dataclasses.replace(cfgs[0], fused_modes=True), n_tokens, n_ids)
-    c = cfgs[0]  # fused_modes: no head recomputed, a 3-knot forward mixing, phi rebuilt in the backward
-    assert fused - dense == pytest.approx(generator + 2 * c.gen_heads * c.d_seed * 3 * c.gen_rank * n_ids + optimizer)
-    tiny = {name: [lv.config("tiny", model, seq_len=128, **flags) for model in lv.MODELS] for name, flags in
-            {"dense": dict(fused_modes=False), "fused": dict(fused_modes=True),
-             "sparse": dict(sparse_mixing=True, fused_modes=False)}.items()}
-    assert 1.15 < bench.flop_limit(tiny["dense"], 16 * 128, n_ids) < 1.2  # the dense mixing: 32 knots
-    assert 1.12 < bench.flop_limit(tiny["fused"], 16 * 128, n_ids) < 1.14  # 32 knots, no recomputation
-    assert 1.02 < bench.flop_limit(tiny["sparse"], 16 * 128, n_ids) < 1.05  # 3 knots: the maths' own limit
+    tiny = [lv.config("tiny", model, seq_len=128) for model in lv.MODELS]
+    sparse = [lv.config("tiny", model, seq_len=128, sparse_mixing=True) for model in lv.MODELS]
+    assert 1.15 < bench.flop_limit(tiny, 16 * 128, n_ids) < 1.2  # the dense mixing: 32 knots
+    assert 1.02 < bench.flop_limit(sparse, 16 * 128, n_ids) < 1.05  # 3 knots: the maths' own limit
 
 
 def test_bench_mixing_flag_chooses_the_generators_spline_mixing():
     def mixing(*flags):
         args = bench.make_parser().parse_args(["--batch-size", "2", "--seq-len", "16", *flags])
-        return [(cfg.sparse_mixing, cfg.fused_modes) for cfg in bench.model_batch(args)[0]]
-    assert mixing("--mixing", "sparse") == [(True, False)] * 2 and mixing("--mixing", "dense") == [(False, False)] * 2
-    assert mixing("--mixing", "fused") == [(False, True)] * 2
-    cpu = jax.default_backend() == "cpu"
-    assert mixing() == [(not cpu, cpu)] * 2  # the device's default: fused on a CPU, sparse off one
+        return [cfg.sparse_mixing for cfg in bench.model_batch(args)[0]]
+    assert mixing("--mixing", "sparse") == [True, True] and mixing("--mixing", "dense") == [False, False]
+    assert mixing() == [jax.default_backend() != "cpu"] * 2  # the device's default: dense on a CPU
 
 
 @pytest.mark.slow
@@ -163,11 +155,11 @@ def test_op_functions_charges_each_op_to_the_innermost_function_of_a_source():
 def test_bench_profile_charges_the_generator_to_leviathan_alone(capsys):
     ms = bench.main(["--size", "tiny", "--batch-size", "2", "--seq-len", "16", "--profile"])
     out = capsys.readouterr().out
-    assert ms["leviathan"]["generator_head"] > 0 and "generator_head" not in ms["dense"]
+    assert ms["leviathan"]["spline_mixing"] > 0 and "spline_mixing" not in ms["dense"]
     for m in ms.values():
         assert m["cross_entropy"] > 0 and m["(wall clock)"] > 0
         assert m["(all ops)"] > m["cross_entropy"]
-    assert "| generator_head | 0.0 |" in out and "| (all ops) |" in out
+    assert "| spline_mixing | 0.0 |" in out and "| (all ops) |" in out
 
 
 @pytest.mark.slow

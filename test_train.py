@@ -327,10 +327,7 @@ REPRODUCED_STEPS = int(os.environ.get("LEVIATHAN_REPRODUCE_STEPS", "10"))
 # +9.5e-7, +5.7e-6, -9.5e-7; another AMD EPYC with AVX-512, a later session, 0, -9.5e-7, +7.2e-5, +4.4e-5 /
 # +1.9e-6, 0, +9.5e-7, 0. Up to step 10 the drift stays under 3e-6, and 1e-4 is 30 times that; after
 # the warm-up it grows (7.2e-5 at step 20), so later steps get 5e-4. A real change (another learning
-# rate, data order or model) moves the loss by 1e-3 or more within 10 steps. The committed logs predate
-# Config.fused_modes (on by default on a CPU since 2026-11-30), which rounds the generator's forward
-# pass differently (modes within ~1e-6); Leviathan against them, the same AVX-512 EPYC, steps 1, 10,
-# 20, 25: +2.9e-6, -6.7e-6, +2.2e-4, +1.4e-4; capped at AVX2, 0, -8.6e-6, +2.2e-4, +1.4e-4.
+# rate, data order or model) moves the loss by 1e-3 or more within 10 steps.
 REPRODUCE_TOLERANCE = 1e-4  # steps 1 to 10: what CI checks
 LATER_TOLERANCE = 5e-4  # steps after 10 (LEVIATHAN_REPRODUCE_STEPS=25)
 

@@ -43,7 +43,7 @@ from machinery.cli import BadFlag, UserError, number  # noqa: E402
 TOKENS_PER_PARAM = 20  # default length: 20 training tokens per parameter of the dense twin
 WARMUP_FRACTION = 0.02  # default warmup: 2% of the steps
 MICRO_TOKENS = 8192  # default micro-batch: about this many tokens per device per forward/backward pass
-ADJUSTABLE = ("lr", "warmup_steps", "steps", "sparse_mixing", "fused_modes")  # may change on --resume (speed, a lower lr)
+ADJUSTABLE = ("lr", "warmup_steps", "steps", "sparse_mixing")  # may change on --resume (speed, a lower lr)
 
 # ------------------------------------------------------------------------------------------------
 # 1. Command line
