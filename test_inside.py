@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
     return folder
 
 
-def test_knot_mass_is_the_basis_at_the_points_head_factors_uses():
+def test_head_coordinates_and_knot_mass():
     cfg = small()
     gen = inside.fresh_init(cfg, 0)["generator"]
     z = lv.seeds(gen, jnp.arange(100), cfg)
