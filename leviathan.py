@@ -297,7 +297,7 @@ def _spline_basis_bwd(n_knots, u, g):
         first, weights = spline_window(u, n_knots)
         return weights, first  # first: integer knots, not differentiated
     _, window_vjp, first = jax.vjp(window_weights, u, has_aux=True)
-    return window_vjp(jnp.take_along_axis(g, first[..., None] + jnp.arange(3), axis=-1))
+    return window_vjp(in_window(g, first))
 
 
 spline_basis.defvjp(_spline_basis_fwd, _spline_basis_bwd)
@@ -385,14 +385,20 @@ def spline_mixing(basis, S):
 def spline_window(u, n_knots):
     """spline_basis's non-zero part: u (...) -> the first of 3 consecutive knots (...) int32 and
     their basis values (..., 3); every other knot's value is 0. Same formula, same knots."""
-    first = jnp.clip(jnp.round(u * (n_knots - 1)).astype(jnp.int32) - 1, 0, n_knots - 3)  # (...)
+    x = u * (n_knots - 1)  # (...) position in knot units
+    first = jnp.clip(jnp.round(x).astype(jnp.int32) - 1, 0, n_knots - 3)  # (...)
     knots = jnp.linspace(0.0, 1.0, n_knots)[first[..., None] + jnp.arange(3)]  # (..., 3)
     t = jnp.abs(u[..., None] - knots) * (n_knots - 1)  # (..., 3) distance in knot units
     # the same values as spline_basis's; a where here: its maximum made the H200's 60M step 3% slower
     b = jnp.where(t < 0.5, 0.75 - t**2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
-    x = u * (n_knots - 1)  # the row sum's closed form, as in spline_basis
+    # the row sum's closed form, as in spline_basis
     missing = 0.5 * (jnp.maximum(0.5 - x, 0.0) ** 2 + jnp.maximum(x - (n_knots - 1.5), 0.0) ** 2)
     return first, b / (1.0 - missing)[..., None]
+
+
+def in_window(x, first):
+    """x's entries at spline_window's 3 knots: x (..., G), first (...) -> (..., 3)."""
+    return jnp.take_along_axis(x, first[..., None] + jnp.arange(3), axis=-1)
 
 
 def knot_rows(S, knot):
@@ -422,7 +428,7 @@ def _sparse_mixing_bwd(residuals, g):
     first, weights, S = residuals
     basis = sum(weights[..., k, None] * jax.nn.one_hot(first + k, S.shape[1]) for k in range(3))  # (d, U, G)
     d_basis = f32_matmul(g, jnp.swapaxes(S, 1, 2))  # (d, U, G): the dense form's gradient of the basis
-    d_weights = jnp.take_along_axis(d_basis, first[..., None] + jnp.arange(3), axis=2)  # (d, U, 3)
+    d_weights = in_window(d_basis, first)  # (d, U, 3)
     return None, d_weights, f32_matmul(jnp.swapaxes(basis, 1, 2), g)  # no gradient for the integer knots
 
 
