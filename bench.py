@@ -390,9 +390,11 @@ def op_functions(hlo_text, source="leviathan.py"):
         rows = block.group(1).splitlines() if block else []
         return {int(row.split()[0]): row.split(maxsplit=1)[1] for row in rows}
 
+    def fields(title):  # rows "id {key=number ...}" as {id: {key: number}}
+        return {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in table(title).items()}
+
     files, functions = table("FileNames"), table("FunctionNames")
-    locations = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in table("FileLocations").items()}
-    frames = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in table("StackFrames").items()}
+    locations, frames = fields("FileLocations"), fields("StackFrames")
 
     def function_of(frame):
         while frame in frames:
