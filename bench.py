@@ -150,14 +150,21 @@ OPTIMIZER_FLOPS = 20
 
 def step_flops(cfg, n_tokens, n_ids):
     """FLOPs the compiled train step does, by the model's own count: lv.flops_per_step, plus the
-    forward passes recomputed in the backward pass (each block under cfg.remat; each generator head,
-    always), plus the optimizer's. n_ids: the padded distinct ids, every one of which is computed.
-    Elementwise work (norms, softmax, spline basis, product) is not counted, in either model."""
+    forward passes recomputed in the backward pass (each block under cfg.remat; each generator head of
+    the dense form), plus what sparse_head does beyond its 3-knot maths, plus the optimizer's. n_ids:
+    the padded distinct ids, every one of which is computed. Elementwise work (norms, softmax, spline
+    basis, product) is not counted, in either model."""
     D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
     flops = lv.flops_per_step(cfg, n_tokens, n_ids)
     if cfg.remat:  # one more forward of every block: 2 per parameter-token, 4 L T D per token for attention
         flops += (2 * L * (4 * D * D + 3 * D * F) + 4 * L * cfg.seq_len * D) * n_tokens
-    flops += lv.flops_per_step(cfg, 0, n_ids) / 3  # the generator's share (6 per parameter-id) + 2
+    if cfg.model == "leviathan" and lv.uses_sparse_head(cfg):
+        # its backward pass mixes by the dense form's two matmuls (4 d G R per id, where 3 knots count
+        # 4 d 3 R) and sums the 3-knot factors again (2 d 3 R)
+        d, G, R = cfg.d_seed, cfg.gen_knots, cfg.gen_rank
+        flops += cfg.gen_heads * (4 * d * G * R - 12 * d * R + 6 * d * R) * n_ids
+    else:
+        flops += lv.flops_per_step(cfg, 0, n_ids) / 3  # the generator's recomputed forward: 2 of its 6
     return flops + OPTIMIZER_FLOPS * lv.count_params(lv.param_shapes(cfg))
 
 
@@ -565,7 +572,7 @@ def make_parser():
     add("--dtype", choices=lv.DTYPES, help="matmul dtype (default: by device)")
     add("--attention", default="xla", choices=lv.ATTENTION)
     add("--mixing", choices=("dense", "sparse"), help="Leviathan's spline mixing: the matmul or 3 knots "
-        "(Config.sparse_mixing; default: sparse on an accelerator, dense on CPU)")
+        "(Config.sparse_mixing; default: sparse; the lab's sum combine always mixes densely)")
     add("--data", nargs="+", help="local .jsonl.zst shards for real tokens")
     add("--loader", action="store_true", help="measure the data loader alone")
     add("--breakdown", action="store_true", help="both steps part by part: a markdown table")

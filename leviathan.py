@@ -31,12 +31,13 @@ and each checked against the plain path by a test:
     (section 7, `compute_grads`);
   - lax.scan over generator heads and over layers: one traced copy, so compile time does not grow
     with depth (`generate_embeddings`, `transformer`);
-  - jax.checkpoint: each head's and each block's activations are recomputed in the backward pass
-    instead of stored;
+  - jax.checkpoint: each block's activations (and each head's, in the generator's dense form) are
+    recomputed in the backward pass instead of stored;
   - micro-batches: the body runs over slices of the batch under lax.scan, accumulating gradients,
     and each device's rows split locally (`split_micro_batches`).
-One more depends on the device (cfg.sparse_mixing, on by default off a CPU): the spline mixing from
-each coordinate's 3 non-zero knots (`sparse_mixing`), faster on an H200, no faster on XLA's CPU backend.
+One more is a switch (cfg.sparse_mixing, on by default): each head computed from its coordinates'
+3 non-zero spline knots of 32 (`sparse_head`), with a backward pass of its own, checked against the
+dense form (`head_factors`, `generator_head`), which stays the reference.
 """
 
 import collections
@@ -90,7 +91,7 @@ class Config:
     gen_heads: int = 8  # independent generator heads, summed
     gen_rank: int = 64  # rank-1 separable modes per head
     gen_knots: int = 32  # uniform knots of the quadratic B-spline basis on [0, 1]
-    sparse_mixing: bool = False  # speed: mix only each coordinate's 3 non-zero knots (config(): on off a CPU)
+    sparse_mixing: bool = True  # speed: each head from its coordinates' 3 non-zero knots (sparse_head)
     gen_sigmoid_scale: float = 2.0  # u = sigmoid(LayerNorm(W z) / 2): squashes a seed into (0, 1)
     spline_init_std: float = 0.1  # spline coefficients S = 1 + 0.1 N(0, 1)
     ln_eps: float = 1e-5  # epsilon of the generator's LayerNorm
@@ -169,13 +170,6 @@ def default_dtype():
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def default_sparse_mixing():
-    """The generator's 3-knot mixing (sparse_mixing) off a CPU (measured faster on an H200; other
-    accelerators unmeasured); the dense matmul on a CPU, where the two cost about the same and the
-    committed CPU results used it."""
-    return jax.default_backend() != "cpu"
-
-
 def config(size="tiny", model="leviathan", **overrides):
     """The Config of a preset: config("60M"), config("60M", "dense"), config("tiny", lr=3e-3)."""
     if size not in SIZES:
@@ -184,8 +178,7 @@ def config(size="tiny", model="leviathan", **overrides):
         raise ValueError(f"unknown model {model!r}: use one of {', '.join(MODELS)}")
     s = SIZES[size]
     fields = dict(model=model, d_model=s["d_model"], n_heads=s["n_heads"],
-                  n_layers=s[f"{model}_layers"], lr=s["lr"], dtype=default_dtype(),
-                  sparse_mixing=default_sparse_mixing())
+                  n_layers=s[f"{model}_layers"], lr=s["lr"], dtype=default_dtype())
     return Config(**{**fields, **overrides})
 
 
@@ -293,10 +286,7 @@ def _spline_basis_bwd(n_knots, u, g):
     3 of g (..., G) and differentiates the window's 3 values; autodiff of the formula above runs on
     all G knots (bench.py --profile, the tiny step: the generator's ops 477 ms before, 398 after).
     A test compares the two. (A custom_vjp has no forward-mode derivative: jax.jvp/jacfwd refuse it.)"""
-    def window_weights(u):
-        first, weights = spline_window(u, n_knots)
-        return weights, first  # first: integer knots, not differentiated
-    _, window_vjp, first = jax.vjp(window_weights, u, has_aux=True)
+    first, _, window_vjp = spline_window_vjp(u, n_knots)
     return window_vjp(in_window(g, first))
 
 
@@ -401,38 +391,64 @@ def in_window(x, first):
     return jnp.take_along_axis(x, first[..., None] + jnp.arange(3), axis=-1)
 
 
+def spline_window_vjp(u, n_knots):
+    """spline_window(u) and the VJP of its weights in u: (first, weights, vjp). first is integer: no gradient."""
+    def weights_of(u):
+        first, weights = spline_window(u, n_knots)
+        return weights, first  # first rides along (has_aux), not differentiated
+    weights, vjp, first = jax.vjp(weights_of, u, has_aux=True)
+    return first, weights, vjp
+
+
 def knot_rows(S, knot):
     """S (d, G, R) at one knot per coordinate and id, knot (d, U) -> S[d, knot[d, u]]: (d, U, R)."""
     return jnp.take_along_axis(S, knot[..., None], axis=1, mode="promise_in_bounds")  # no bounds mask
 
 
-@jax.custom_vjp
-def sparse_mixing(first, weights, S):
+def window_mixing(first, weights, S):
     """spline_mixing from spline_window's 3 knots: first (d, U), weights (d, U, 3), S (d, G, R) -> (d, U, R).
-
-    speed: each coordinate's quadratic basis has 3 non-zero knots of G, so phi needs 3 rows of S,
-    not a (G, R) matmul: 3/G of the work. The backward pass is the dense form's two matmuls, with B
-    rebuilt from the window: d S = B^T d phi (XLA's CPU scatter-add is slower than this matmul) and
-    d B = d phi S^T, whose 3 knots give d weights. A test checks values and gradients against
-    spline_mixing. Measured (bench.py): on one H200 the 60M step of 512 x 512 tokens takes
-    550 ms, 580 with the dense mixing; on XLA's CPU backend the tiny step costs the same either way.
-    So config() turns it on off a CPU, and CPU runs (the committed results too) keep the dense form."""
+    Each coordinate's basis has 3 non-zero knots of G, so phi needs 3 rows of S: 3/G of the matmul's work."""
     return sum(weights[..., k, None] * knot_rows(S, first + k) for k in range(3))
 
 
-def _sparse_mixing_fwd(first, weights, S):
-    return sparse_mixing(first, weights, S), (first, weights, S)  # the gathered rows are not kept
+@jax.custom_vjp
+def sparse_head(u, S, Wout):
+    """speed: generator_head's maths from coordinates u (d, U), spline coefficients S (d, G, R) and Wout
+    (R, D) -> (U, D), its factors mixed from 3 knots (window_mixing); the product form only.
+
+    The forward pass gathers 3 rows of S per factor, which XLA fuses into the product in the train
+    step: the (d, U, R) factors are not written out. For the backward pass (below) it keeps u and the
+    modes, not the factors: it gathers them again by the same sums and runs the dense form's two
+    matmuls for S's and the basis' gradients (a 3-knot scatter-add is slower than them on XLA's CPU
+    backend). Measured (bench.py, tiny, 16 x 128,
+    a 2-core CPU): Leviathan / dense step time 1.09x, against 1.12-1.13x with the dense form. Tests
+    check it against the dense form, against float64 where a factor cancels, and against finite
+    differences."""
+    return _sparse_head_fwd(u, S, Wout)[0]
 
 
-def _sparse_mixing_bwd(residuals, g):
-    first, weights, S = residuals
+def _sparse_head_fwd(u, S, Wout):
+    first, weights = spline_window(u, S.shape[1])
+    modes = separable_product(window_mixing(first, weights, S))  # (U, R)
+    return f32_matmul(modes, Wout), (u, S, Wout, modes)
+
+
+def _sparse_head_bwd(residuals, g):
+    u, S, Wout, modes = residuals
+    first, weights, window_vjp = spline_window_vjp(u, S.shape[1])
+    # The factors again, by the forward pass's own sums, which XLA compiles alike, so that modes / phi
+    # is the product of the other factors (separable_product's backward) even where a factor cancels
+    # to about 0; factors rebuilt another way (the matmul) round apart from the forward pass's, and
+    # there that ratio is far off. A test checks it at XLA's default optimisation level.
+    phi = window_mixing(first, weights, S)  # (d, U, R)
+    d_phi = f32_matmul(g, Wout.T) * modes / jnp.where(phi == 0, 1.0, phi)  # a mode with a zero factor: 0
     basis = sum(weights[..., k, None] * jax.nn.one_hot(first + k, S.shape[1]) for k in range(3))  # (d, U, G)
-    d_basis = f32_matmul(g, jnp.swapaxes(S, 1, 2))  # (d, U, G): the dense form's gradient of the basis
-    d_weights = in_window(d_basis, first)  # (d, U, 3)
-    return None, d_weights, f32_matmul(jnp.swapaxes(basis, 1, 2), g)  # no gradient for the integer knots
+    d_S = f32_matmul(jnp.swapaxes(basis, 1, 2), d_phi)  # (d, G, R)
+    d_weights = in_window(f32_matmul(d_phi, jnp.swapaxes(S, 1, 2)), first)  # the basis' gradient at 3 knots
+    return window_vjp(d_weights)[0], d_S, f32_matmul(modes.T, g)
 
 
-sparse_mixing.defvjp(_sparse_mixing_fwd, _sparse_mixing_bwd)
+sparse_head.defvjp(_sparse_head_fwd, _sparse_head_bwd)
 
 
 def head_coordinates(head, z, cfg):
@@ -447,14 +463,19 @@ def head_factors(head, z, cfg):
     The seed coordinate d leads, so the spline mixing is one batched matmul per coordinate,
     (U, G) @ (G, R), and the product over d runs over the leading axis."""
     u = head_coordinates(head, z, cfg)  # (d_seed, U) in (0, 1)
-    if cfg.sparse_mixing:  # speed: 3 knots of G (sparse_mixing)
-        return sparse_mixing(*spline_window(u, cfg.gen_knots), 1.0 + head["delta"])
     basis = spline_basis(u, cfg.gen_knots)  # (d_seed, U, G)
     return spline_mixing(basis, 1.0 + head["delta"])  # phi[d, u, r] = sum_g B[d, u, g] S[d, g, r]
 
 
+def uses_sparse_head(cfg):
+    """cfg.sparse_mixing, for the paper's product of factors (the lab's "sum" combine mixes densely)."""
+    return cfg.sparse_mixing and cfg.gen_combine == "product"
+
+
 def generator_head(head, z, cfg):
     """One generator head: seeds (U, d_seed) -> its contribution to the embeddings (U, d_model)."""
+    if uses_sparse_head(cfg):  # speed: the same maths from 3 knots of G
+        return sparse_head(head_coordinates(head, z, cfg), 1.0 + head["delta"], head["Wout"])
     phi = head_factors(head, z, cfg)  # (d_seed, U, R)
     modes = separable_product(phi) if cfg.gen_combine == "product" else phi.mean(0)  # (U, R)
     return f32_matmul(modes, head["Wout"])  # (U, D)
@@ -464,9 +485,13 @@ def generate_embeddings(gen, ids, cfg):
     """The generator: token ids (U,) -> embeddings (U, d_model), in float32 whatever cfg.dtype."""
     z = seeds(gen, ids, cfg)  # (U, d_seed)
     heads = {name: gen[name] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
-    # speed: heads run one after another (lax.scan) and are recomputed in the backward pass
-    # (checkpoint), so only one head's (d_seed, U, rank) intermediates are alive at a time.
-    head_fn = jax.checkpoint(functools.partial(generator_head, cfg=cfg))
+    # speed: heads run one after another (lax.scan), so only one head's (d_seed, U, rank) intermediates
+    # are alive at a time. The dense form's heads are recomputed in the backward pass (checkpoint);
+    # with sparse_head each head keeps its coordinates' few (U, d_seed) arrays and its modes instead
+    # (recomputing it measured 5% slower on a CPU).
+    head_fn = functools.partial(generator_head, cfg=cfg)
+    if not uses_sparse_head(cfg):
+        head_fn = jax.checkpoint(head_fn)
 
     def add_head(e, head):
         return e + head_fn(head, z), None
@@ -909,12 +934,12 @@ def shard_batch(batch, mesh=None):
 def flops_per_step(cfg, n_tokens, n_distinct):
     """Model FLOPs of one train step (forward + backward, no recomputation): 6 per parameter-token
     for the matrices the tokens pass through, 12 L T D per token for attention, and the generator's
-    matrix work once per distinct id (3 knots of the mixing with cfg.sparse_mixing). Used for MFU."""
+    matrix work once per distinct id (3 knots of the mixing in sparse_head). Used for MFU."""
     D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
     matmul_params = L * (4 * D * D + 3 * D * F) + D * cfg.vocab_size
     flops = 6 * matmul_params * n_tokens + 12 * L * cfg.seq_len * D * n_tokens
     if cfg.model == "leviathan":
-        knots = 3 if cfg.sparse_mixing else cfg.gen_knots  # the spline mixing's knots per coordinate
+        knots = 3 if uses_sparse_head(cfg) else cfg.gen_knots  # the spline mixing's knots per coordinate
         per_head = cfg.d_seed * cfg.d_seed + cfg.d_seed * knots * cfg.gen_rank + cfg.gen_rank * D
         flops += 6 * cfg.gen_heads * per_head * n_distinct
     return flops

@@ -4,6 +4,7 @@ report. No timing is asserted: speed is what `python bench.py` prints.
 Run: python -m pytest -q test_bench.py
 """
 
+import dataclasses
 import os
 import re
 
@@ -93,7 +94,7 @@ def test_ratio_summary_is_the_median_of_per_round_ratios():
 
 def test_flop_limit_counts_generator_recomputation_and_optimizer():
     n_tokens, n_ids = 4 * 512, 1536
-    cfgs = [lv.config("60M", model, seq_len=512) for model in lv.MODELS]
+    cfgs = [lv.config("60M", model, seq_len=512, sparse_mixing=False) for model in lv.MODELS]  # dense form
     lev, dense = (bench.step_flops(cfg, n_tokens, n_ids) for cfg in cfgs)
     generator = lv.flops_per_step(cfgs[0], 0, n_ids)  # forward and backward: 6 per parameter-id
     optimizer = bench.OPTIMIZER_FLOPS * (lv.count_params(lv.param_shapes(cfgs[0]))
@@ -101,10 +102,15 @@ def test_flop_limit_counts_generator_recomputation_and_optimizer():
     assert lev - dense == pytest.approx(generator * 8 / 6 + optimizer)  # + its recomputed forward
     assert optimizer < 0  # the dense table's AdamW is work Leviathan does not do
     assert 1.03 < bench.flop_limit(cfgs, n_tokens, n_ids) < 1.05  # the issue's "about 1.04x" at 60M, 4 x 512
-    tiny = [lv.config("tiny", model, seq_len=128) for model in lv.MODELS]
-    sparse = [lv.config("tiny", model, seq_len=128, sparse_mixing=True) for model in lv.MODELS]
-    assert 1.15 < bench.flop_limit(tiny, 16 * 128, n_ids) < 1.2  # the dense mixing: 32 knots
-    assert 1.02 < bench.flop_limit(sparse, 16 * 128, n_ids) < 1.05  # 3 knots: the maths' own limit
+    sparse = dataclasses.replace(cfgs[0], sparse_mixing=True)  # sparse_head: 3 knots forward, dense backward
+    d, G, R = sparse.d_seed, sparse.gen_knots, sparse.gen_rank
+    per_id = 6 * (d * d + 3 * d * R + R * sparse.d_model) + 4 * d * G * R - 6 * d * R  # no recomputation
+    assert bench.step_flops(sparse, n_tokens, n_ids) - dense == pytest.approx(
+        sparse.gen_heads * per_id * n_ids + optimizer)
+    tiny = [lv.config("tiny", model, seq_len=128, sparse_mixing=False) for model in lv.MODELS]
+    sparse = [lv.config("tiny", model, seq_len=128) for model in lv.MODELS]
+    assert 1.15 < bench.flop_limit(tiny, 16 * 128, n_ids) < 1.2  # the dense form: 32 knots, 4 passes
+    assert 1.08 < bench.flop_limit(sparse, 16 * 128, n_ids) < 1.11  # sparse_head: about half the work
 
 
 def test_bench_mixing_flag_chooses_the_generators_spline_mixing():
@@ -112,7 +118,7 @@ def test_bench_mixing_flag_chooses_the_generators_spline_mixing():
         args = bench.make_parser().parse_args(["--batch-size", "2", "--seq-len", "16", *flags])
         return [cfg.sparse_mixing for cfg in bench.model_batch(args)[0]]
     assert mixing("--mixing", "sparse") == [True, True] and mixing("--mixing", "dense") == [False, False]
-    assert mixing() == [jax.default_backend() != "cpu"] * 2  # the device's default: dense on a CPU
+    assert mixing() == [True, True]  # the default on every device
 
 
 @pytest.mark.slow
