@@ -420,10 +420,9 @@ def sparse_head(u, S, Wout):
     step: the (d, U, R) factors are not written out. For the backward pass (below) it keeps u and the
     modes, not the factors: it gathers them again by the same sums and runs the dense form's two
     matmuls for S's and the basis' gradients (a 3-knot scatter-add is slower than them on XLA's CPU
-    backend). Measured (bench.py, tiny, 16 x 128,
-    a 2-core CPU): Leviathan / dense step time 1.09-1.11x, against 1.12-1.13x with the dense form. Tests
-    check it against the dense form, against float64 where a factor cancels, and against finite
-    differences."""
+    backend). Measured (bench.py, tiny, 16 x 128, a 2-core CPU): Leviathan / dense step time
+    1.09-1.11x, against 1.12-1.13x with the dense form. Tests check it against the dense form, against
+    float64 where a factor cancels, and against finite differences."""
     return _sparse_head_fwd(u, S, Wout)[0]
 
 
