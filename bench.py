@@ -150,8 +150,8 @@ OPTIMIZER_FLOPS = 20
 
 def step_flops(cfg, n_tokens, n_ids):
     """FLOPs the compiled train step does, by the model's own count: lv.flops_per_step, plus the
-    forward passes recomputed in the backward pass (each block under cfg.remat; each generator head of
-    the dense form), plus what sparse_head does beyond its 3-knot maths, plus the optimizer's. n_ids:
+    forward passes recomputed in the backward pass (each block under cfg.remat; each generator head
+    where lv.recompute_heads), plus what sparse_head does beyond its 3-knot maths, plus the optimizer's. n_ids:
     the padded distinct ids, every one of which is computed. Elementwise work (norms, softmax, spline
     basis, product) is not counted, in either model."""
     D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
@@ -163,7 +163,7 @@ def step_flops(cfg, n_tokens, n_ids):
         # 4 d 3 R) and sums the 3-knot factors again (2 d 3 R)
         d, G, R = cfg.d_seed, cfg.gen_knots, cfg.gen_rank
         flops += cfg.gen_heads * (4 * d * G * R - 12 * d * R + 6 * d * R) * n_ids
-    else:
+    if cfg.model == "leviathan" and lv.recompute_heads(cfg):
         flops += lv.flops_per_step(cfg, 0, n_ids) / 3  # the generator's recomputed forward: 2 of its 6
     return flops + OPTIMIZER_FLOPS * lv.count_params(lv.param_shapes(cfg))
 

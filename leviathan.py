@@ -31,8 +31,8 @@ and each checked against the plain path by a test:
     (section 7, `compute_grads`);
   - lax.scan over generator heads and over layers: one traced copy, so compile time does not grow
     with depth (`generate_embeddings`, `transformer`);
-  - jax.checkpoint: each block's activations (and each head's, in the generator's dense form) are
-    recomputed in the backward pass instead of stored;
+  - jax.checkpoint: each block's activations (and each generator head's, where `recompute_heads`
+    says so) are recomputed in the backward pass instead of stored;
   - micro-batches: the body runs over slices of the batch under lax.scan, accumulating gradients,
     and each device's rows split locally (`split_micro_batches`).
 One more is a switch (cfg.sparse_mixing, on by default): each head computed from its coordinates'
@@ -420,9 +420,10 @@ def sparse_head(u, S, Wout):
     step: the (d, U, R) factors are not written out. For the backward pass (below) it keeps u and the
     modes, not the factors: it gathers them again by the same sums and runs the dense form's two
     matmuls for S's and the basis' gradients (a 3-knot scatter-add is slower than them on XLA's CPU
-    backend). Measured (bench.py, tiny, 16 x 128, a 2-core CPU): Leviathan / dense step time
-    1.09-1.11x, against 1.12-1.13x with the dense form. Tests check it against the dense form, against
-    float64 where a factor cancels, and against finite differences."""
+    backend). Measured (bench.py), Leviathan / dense step time: tiny, 16 x 128, on a 2-core CPU
+    1.09-1.11x, against 1.12-1.13x with the dense form; 60M, 512 x 512, on an H200 (heads recomputed)
+    1.10x, against 1.15x. Tests check it against the dense form, against float64 where a factor
+    cancels, and against finite differences."""
     return _sparse_head_fwd(u, S, Wout)[0]
 
 
@@ -480,16 +481,23 @@ def generator_head(head, z, cfg):
     return f32_matmul(modes, head["Wout"])  # (U, D)
 
 
+def recompute_heads(cfg):
+    """Whether each generator head runs again in the backward pass (jax.checkpoint) instead of keeping
+    what its backward pass needs. The dense form always does: it would keep (d_seed, U, rank) factors.
+    sparse_head keeps only its coordinates and modes, and recomputing it is measured (bench.py) faster
+    on an H200 (the 60M step of 512 x 512 tokens: 556 ms, against 574 kept) and slower on XLA's CPU
+    backend (the tiny Leviathan step took 1.05x its time with the dense form, against 0.96x kept)."""
+    return not uses_sparse_head(cfg) or jax.default_backend() != "cpu"
+
+
 def generate_embeddings(gen, ids, cfg):
     """The generator: token ids (U,) -> embeddings (U, d_model), in float32 whatever cfg.dtype."""
     z = seeds(gen, ids, cfg)  # (U, d_seed)
     heads = {name: gen[name] for name in ("W", "ln_scale", "ln_bias", "delta", "Wout")}
     # speed: heads run one after another (lax.scan), so only one head's (d_seed, U, rank) intermediates
-    # are alive at a time. The dense form's heads are recomputed in the backward pass (checkpoint);
-    # with sparse_head each head keeps its coordinates' few (U, d_seed) arrays and its modes instead
-    # (recomputing it measured 5% slower on a CPU).
+    # are alive at a time, and are recomputed in the backward pass (checkpoint) where that is faster.
     head_fn = functools.partial(generator_head, cfg=cfg)
-    if not uses_sparse_head(cfg):
+    if recompute_heads(cfg):
         head_fn = jax.checkpoint(head_fn)
 
     def add_head(e, head):

@@ -479,10 +479,13 @@ def test_sparse_head_gradient_is_exact_where_a_factor_cancels(where):
     assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_sparse_mixing_generator_matches_the_dense_one():
+@pytest.mark.parametrize("recompute", [False, True])  # sparse_head's heads kept (on a CPU) and recomputed
+def test_sparse_mixing_generator_matches_the_dense_one(recompute, monkeypatch):
     cfg, gen, ids = generator(0.5)  # trained-like: factors straddle zero; the dense mixing
-    sparse = table_and_grad(gen, ids, dataclasses.replace(cfg, sparse_mixing=True))
-    assert_same_embeddings(sparse, table_and_grad(gen, ids, cfg))
+    sparse_cfg = dataclasses.replace(cfg, sparse_mixing=True)
+    assert lv.recompute_heads(cfg) and lv.recompute_heads(sparse_cfg) == (jax.default_backend() != "cpu")
+    monkeypatch.setattr(lv, "recompute_heads", lambda cfg: recompute or not lv.uses_sparse_head(cfg))
+    assert_same_embeddings(table_and_grad(gen, ids, sparse_cfg), table_and_grad(gen, ids, cfg))
 
 
 # --- 4. transformer ------------------------------------------------------------------------------
