@@ -483,11 +483,15 @@ def generator_head(head, z, cfg):
 
 def recompute_heads(cfg):
     """Whether each generator head runs again in the backward pass (jax.checkpoint) instead of keeping
-    what its backward pass needs. The dense form always does: it would keep (d_seed, U, rank) factors.
-    sparse_head keeps only its coordinates and modes, and recomputing it is measured (bench.py) faster
-    on an H200 (the 60M step of 512 x 512 tokens: 556 ms, against 574 kept) and slower on XLA's CPU
-    backend (the tiny Leviathan step took 1.05x its time with the dense form, against 0.96x kept)."""
-    return not uses_sparse_head(cfg) or jax.default_backend() != "cpu"
+    what its backward pass needs. The dense form always does: kept, its (d_seed, U, rank) factors
+    would fill memory. sparse_head keeps far less (each head's coordinates, their LayerNorm's
+    intermediates and its modes), and which is faster depends on the backend. Measured, Leviathan's
+    step: on one H200 (bench.py --report, 60M, 512 x 512 tokens) 554 ms recomputed, 572 kept; on a
+    2-core CPU (tiny, 16 x 128, timed in one process against the dense form's step) 1.05x its time
+    recomputed, 0.96x kept. Other accelerators are unmeasured and take the H200's choice."""
+    if not uses_sparse_head(cfg):
+        return True
+    return jax.default_backend() != "cpu"
 
 
 def generate_embeddings(gen, ids, cfg):

@@ -92,21 +92,24 @@ def test_ratio_summary_is_the_median_of_per_round_ratios():
     assert bench.ratio_summary(results, "rounds_cpu_ms") == (1.0, 1.0, 1.0, 3)
 
 
-def test_flop_limit_counts_generator_recomputation_and_optimizer():
+@pytest.mark.parametrize("recompute", [False, True])  # sparse_head's heads kept (a CPU) or recomputed
+def test_flop_limit_counts_generator_recomputation_and_optimizer(recompute, monkeypatch):
     n_tokens, n_ids = 4 * 512, 1536
     cfgs = [lv.config("60M", model, seq_len=512, sparse_mixing=False) for model in lv.MODELS]  # dense form
+    monkeypatch.setattr(lv, "recompute_heads", lambda c: recompute or not lv.uses_sparse_head(c))
     lev, dense = (bench.step_flops(cfg, n_tokens, n_ids) for cfg in cfgs)
     generator = lv.flops_per_step(cfgs[0], 0, n_ids)  # forward and backward: 6 per parameter-id
     optimizer = bench.OPTIMIZER_FLOPS * (lv.count_params(lv.param_shapes(cfgs[0]))
                                          - lv.count_params(lv.param_shapes(cfgs[1])))
-    assert lev - dense == pytest.approx(generator * 8 / 6 + optimizer)  # + its recomputed forward
+    d, G, R, heads = cfgs[0].d_seed, cfgs[0].gen_knots, cfgs[0].gen_rank, cfgs[0].gen_heads
+    recomputed = 2 * heads * (d * d + d * G * R) * n_ids  # each head's forward up to its modes, again
+    assert lev - dense == pytest.approx(generator + recomputed + optimizer)
     assert optimizer < 0  # the dense table's AdamW is work Leviathan does not do
     assert 1.03 < bench.flop_limit(cfgs, n_tokens, n_ids) < 1.05  # the "about 1.04x" at 60M, 4 x 512
     sparse = dataclasses.replace(cfgs[0], sparse_mixing=True)  # sparse_head: 3 knots forward, dense backward
-    d, G, R = sparse.d_seed, sparse.gen_knots, sparse.gen_rank
-    per_id = 6 * (d * d + 3 * d * R + R * sparse.d_model) + 4 * d * G * R - 6 * d * R  # no recomputation
-    assert bench.step_flops(sparse, n_tokens, n_ids) - dense == pytest.approx(
-        sparse.gen_heads * per_id * n_ids + optimizer)
+    per_id = 6 * (d * d + 3 * d * R + R * sparse.d_model) + 4 * d * G * R - 6 * d * R
+    per_id += 2 * (d * d + 3 * d * R) if recompute else 0
+    assert bench.step_flops(sparse, n_tokens, n_ids) - dense == pytest.approx(heads * per_id * n_ids + optimizer)
     tiny = [lv.config("tiny", model, seq_len=128, sparse_mixing=False) for model in lv.MODELS]
     sparse = [lv.config("tiny", model, seq_len=128) for model in lv.MODELS]
     assert 1.15 < bench.flop_limit(tiny, 16 * 128, n_ids) < 1.2  # the dense form: 32 knots, 4 passes

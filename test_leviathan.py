@@ -426,8 +426,9 @@ def test_sparse_head_equals_the_dense_reference():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.abs(b).max()))
 
 
-def check_cancelled_factor_gradients(seed=0):
-    """Two heads under lax.scan, as generate_embeddings runs them. In head 0, ids 0-7 each have one
+def check_cancelled_factor_gradients(seed=0, recompute=False):
+    """Two heads under lax.scan, as generate_embeddings runs them (recompute: each under jax.checkpoint,
+    as off a CPU: recompute_heads). In head 0, ids 0-7 each have one
     factor (coordinate j for id j, in every mode) whose 3 knots' terms, of about 1, cancel to about
     1e-6: within some 16 float32 roundings of 0 (not 0 itself, whose gradient is 0 by convention).
     The gradient through it, the product of the other factors, is well defined, and each entry of the
@@ -449,9 +450,11 @@ def check_cancelled_factor_gradients(seed=0):
     Wout = rng.standard_normal((heads, R, 4)).astype(np.float32)
     cot = rng.standard_normal((U, 4)).astype(np.float32)
 
+    head_fn = jax.checkpoint(lv.sparse_head) if recompute else lv.sparse_head
+
     def loss32(u, S, Wout):
         def add_head(e, head):
-            return e + lv.sparse_head(*head), None
+            return e + head_fn(*head), None
         return jnp.vdot(jax.lax.scan(add_head, jnp.zeros((U, 4)), (u, S, Wout))[0], cot)
 
     g32 = jax.jit(jax.grad(loss32, (0, 1, 2)))(u, S, Wout)
@@ -464,16 +467,18 @@ def check_cancelled_factor_gradients(seed=0):
         assert np.all(np.abs(a - b) <= 1e-3 * np.abs(b) + 1e-5 * np.abs(b).max()), name
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("where", ["here", "default optimisation"])
-def test_sparse_head_gradient_is_exact_where_a_factor_cancels(where):
+def test_sparse_head_gradient_is_exact_where_a_factor_cancels(where, recompute):
     """check_cancelled_factor_gradients here (the suite runs XLA's CPU backend at optimisation level 0)
     and in a fresh process at the default level, where XLA contracts a * b + c into an FMA: the
-    forward and backward passes' 3-knot sums, in different fusions, must still round alike."""
+    forward and backward passes' 3-knot sums, in different fusions, must still round alike, with the
+    heads kept and recomputed."""
     if where == "here":
-        check_cancelled_factor_gradients()
+        check_cancelled_factor_gradients(recompute=recompute)
         return
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # no level-0 flag
-    code = "import test_leviathan as t; t.check_cancelled_factor_gradients(); print('checked')"
+    code = f"import test_leviathan as t; t.check_cancelled_factor_gradients(recompute={recompute}); print('checked')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
@@ -484,7 +489,7 @@ def test_sparse_mixing_generator_matches_the_dense_one(recompute, monkeypatch):
     cfg, gen, ids = generator(0.5)  # trained-like: factors straddle zero; the dense mixing
     sparse_cfg = dataclasses.replace(cfg, sparse_mixing=True)
     assert lv.recompute_heads(cfg) and lv.recompute_heads(sparse_cfg) == (jax.default_backend() != "cpu")
-    monkeypatch.setattr(lv, "recompute_heads", lambda cfg: recompute or not lv.uses_sparse_head(cfg))
+    monkeypatch.setattr(lv, "recompute_heads", lambda c: recompute or not lv.uses_sparse_head(c))
     assert_same_embeddings(table_and_grad(gen, ids, sparse_cfg), table_and_grad(gen, ids, cfg))
 
 
