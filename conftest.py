@@ -174,6 +174,13 @@ def server(tmp_path):
     server.close()
 
 
+def free_port():
+    """A local TCP port nothing listens on (the OS's pick, released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # --- train.py as a user runs it --------------------------------------------------------------------
 
 RUN = ["--size", "tiny", "--data", f"{MINIPILE}/00.jsonl.zst", f"{MINIPILE}/01.jsonl.zst",

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +16,8 @@ import pytest
 
 import leviathan as lv
 import train
-from conftest import (BYTES, HERE, MINIPILE, RUN, TIMING, read_log, skip_without, start, tiktoken_cache_dir,
-                      wait_for_step, words, write_shard)
+from conftest import (BYTES, HERE, MINIPILE, RUN, TIMING, free_port, read_log, skip_without, start,
+                      tiktoken_cache_dir, wait_for_step, words, write_shard)
 from machinery import checks, http_reader, processes, run_folder
 
 
@@ -137,9 +136,7 @@ VAL = os.path.join(HERE, MINIPILE, "val.jsonl.zst")
 
 
 def closed_port_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/00.jsonl.zst"
+    return f"http://127.0.0.1:{free_port()}/00.jsonl.zst"
 
 
 @pytest.mark.parametrize("case", ["missing", "no match", "corrupt", "truncated", "404", "no network",

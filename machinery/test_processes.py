@@ -4,13 +4,12 @@ resume after kill -9, and end with one sentence when the other dies."""
 import os
 import re
 import signal
-import socket
 import threading
 import time
 
 import pytest
 
-from conftest import RUN, read_log, start, wait_for_step
+from conftest import RUN, free_port, read_log, start, wait_for_step
 from machinery import run_folder
 from machinery.processes import Peers
 
@@ -50,12 +49,6 @@ def test_a_barrier_waits_for_every_process_and_a_vote_reads_every_vote():
 
 DIST = [*RUN[:RUN.index("--steps")], "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--shuffle-buffer",
         "64", "--eval-every", "3", "--eval-tokens", "512", "--log-every", "1", "--ckpt-every", "2", "--lr", "3e-3"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
