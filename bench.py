@@ -151,9 +151,9 @@ OPTIMIZER_FLOPS = 20
 def step_flops(cfg, n_tokens, n_ids):
     """FLOPs the compiled train step does, by the model's own count: lv.flops_per_step, plus the
     forward passes recomputed in the backward pass (each block under cfg.remat; each generator head
-    where lv.recompute_heads), plus what sparse_head does beyond its 3-knot maths, plus the optimizer's. n_ids:
-    the padded distinct ids, every one of which is computed. Elementwise work (norms, softmax, spline
-    basis, product) is not counted, in either model."""
+    where lv.recompute_heads), plus what sparse_head does beyond its 3-knot maths, plus the
+    optimizer's. n_ids: the padded distinct ids, every one of which is computed. Elementwise work
+    (norms, softmax, spline basis, product) is not counted, in either model."""
     D, L, F = cfg.d_model, cfg.n_layers, cfg.mlp_mult * cfg.d_model
     flops = lv.flops_per_step(cfg, n_tokens, n_ids)
     if cfg.remat:  # one more forward of every block: 2 per parameter-token, 4 L T D per token for attention

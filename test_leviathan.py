@@ -478,13 +478,14 @@ def test_sparse_head_gradient_is_exact_where_a_factor_cancels(where, recompute):
         check_cancelled_factor_gradients(recompute=recompute)
         return
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # no level-0 flag
-    code = f"import test_leviathan as t; t.check_cancelled_factor_gradients(recompute={recompute}); print('checked')"
+    code = (f"import test_leviathan as t; t.check_cancelled_factor_gradients(recompute={recompute}); "
+            "print('checked')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("recompute", [False, True])  # sparse_head's heads kept (on a CPU) and recomputed
+@pytest.mark.parametrize("recompute", [False, True])  # sparse_head's heads kept (a CPU) and recomputed
 def test_sparse_mixing_generator_matches_the_dense_one(recompute, monkeypatch):
     cfg, gen, ids = generator(0.5)  # trained-like: factors straddle zero; the dense mixing
     sparse_cfg = dataclasses.replace(cfg, sparse_mixing=True)
