@@ -158,16 +158,17 @@ def step_flops(cfg, n_tokens, n_ids):
     flops = lv.flops_per_step(cfg, n_tokens, n_ids)
     if cfg.remat:  # one more forward of every block: 2 per parameter-token, 4 L T D per token for attention
         flops += (2 * L * (4 * D * D + 3 * D * F) + 4 * L * cfg.seq_len * D) * n_tokens
-    d, G, R = cfg.d_seed, cfg.gen_knots, cfg.gen_rank
-    if cfg.model == "leviathan" and lv.uses_sparse_head(cfg):
-        # its backward pass mixes by the dense form's two matmuls (4 d G R per id, where 3 knots count
-        # 4 d 3 R) and sums the 3-knot factors again (2 d 3 R)
-        flops += cfg.gen_heads * (4 * d * G * R - 12 * d * R + 6 * d * R) * n_ids
-    if cfg.model == "leviathan" and lv.recompute_heads(cfg):
-        # each head's forward again up to its modes (W z and the mixing): the backward pass needs the
-        # modes, not their projection to d_model, so XLA drops that matmul from the recomputation
-        knots = 3 if lv.uses_sparse_head(cfg) else G
-        flops += 2 * cfg.gen_heads * (d * d + d * knots * R) * n_ids
+    if cfg.model == "leviathan":
+        d, G, R = cfg.d_seed, cfg.gen_knots, cfg.gen_rank
+        knots = 3 if lv.uses_sparse_head(cfg) else G  # the spline mixing's knots per coordinate
+        if lv.uses_sparse_head(cfg):
+            # its backward pass mixes by the dense form's two matmuls (4 d G R per id, where 3 knots
+            # count 4 d 3 R) and sums the 3-knot factors again (2 d 3 R)
+            flops += cfg.gen_heads * (4 * d * G * R - 12 * d * R + 6 * d * R) * n_ids
+        if lv.recompute_heads(cfg):
+            # each head's forward again up to its modes (W z and the mixing): the backward pass needs
+            # the modes, not their projection to d_model, so XLA drops that matmul from the recomputation
+            flops += 2 * cfg.gen_heads * (d * d + d * knots * R) * n_ids
     return flops + OPTIMIZER_FLOPS * lv.count_params(lv.param_shapes(cfg))
 
 
