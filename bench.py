@@ -15,8 +15,9 @@ that both see the same load on the machine. Batches are synthetic, with ids that
 compile time, the median ms/step of the rounds (wall clock, and the process's CPU time, which other
 programs disturb less), tokens/s, MFU (where the device's peak is known), the generator's share of the
 step, peak device memory (where the backend reports it: the process's peak so far) and XLA's compiled
-memory for the step; then the Leviathan/dense step-time ratio as the median of the per-round ratios
-with their min and max, beside the FLOP limit: the ratio the work alone allows (step_flops).
+memory for the step; then the Leviathan/dense step-time ratio as the median of the per-round ratios,
+with a 95% interval of that median (from 6 rounds; it narrows as rounds are added, where min and max
+widen) and their min and max, beside the FLOP limit: the ratio the work alone allows (step_flops).
 
 --breakdown times both steps cut into parts (body, head and loss, gathers, generator or table lookup,
 AdamW) and whole, and prints a markdown table with each part's wall and CPU time and fresh memory.
@@ -38,6 +39,7 @@ import glob
 import gzip
 import itertools
 import json
+import math
 import os
 import re
 import resource
@@ -178,17 +180,42 @@ def flop_limit(cfgs, n_tokens, n_ids):
     return flops["leviathan"] / flops["dense"]
 
 
+def round_ratios(results, key="rounds_ms"):
+    """Leviathan / dense step time, round by round (the two models of a round timed side by side).
+    key "rounds_cpu_ms": the same for CPU time."""
+    return np.array(results["leviathan"][key]) / np.array(results["dense"][key])
+
+
 def ratio_summary(results, key="rounds_ms"):
-    """Leviathan / dense step time, round by round (the two models of a round timed side by side):
-    (median, min, max, rounds). key "rounds_cpu_ms": the same for CPU time."""
-    ratios = np.array(results["leviathan"][key]) / np.array(results["dense"][key])
+    """The per-round ratios (round_ratios) summed up: (median, min, max, rounds)."""
+    ratios = round_ratios(results, key)
     return float(np.median(ratios)), float(ratios.min()), float(ratios.max()), len(ratios)
+
+
+def median_interval(values, level=0.95):
+    """A confidence interval for the median of the distribution the values come from, assuming nothing
+    about its shape: the j-th smallest and j-th largest value, for the largest j that covers the median
+    with probability >= level (each value falls below the median with probability 1/2, so the number
+    below is Binomial(n, 1/2)). None when even (min, max) covers less: fewer than 6 values at 95%."""
+    x, n = np.sort(values), len(values)
+
+    def coverage(j):  # P(x_(j) <= median <= x_(n+1-j)) = P(j <= Binomial(n, 1/2) <= n - j)
+        return sum(math.comb(n, k) for k in range(j, n - j + 1)) / 2**n
+
+    if n == 0 or coverage(1) < level:
+        return None
+    j = 1
+    while coverage(j + 1) >= level:
+        j += 1
+    return float(x[j - 1]), float(x[n - j])
 
 
 def ratio_line(results, limit):
     median, low, high, rounds = ratio_summary(results)
     cpu, cpu_low, cpu_high, _ = ratio_summary(results, "rounds_cpu_ms")
-    return (f"Leviathan / dense step time: {median:.3f}x (median of {rounds} interleaved rounds, "
+    interval = median_interval(round_ratios(results))
+    interval = f", 95% interval of the median {interval[0]:.3f}x-{interval[1]:.3f}x" if interval else ""
+    return (f"Leviathan / dense step time: {median:.3f}x (median of {rounds} interleaved rounds{interval}, "
             f"min {low:.3f}x, max {high:.3f}x; CPU time {cpu:.3f}x, {cpu_low:.3f}x-{cpu_high:.3f}x; "
             f"FLOP limit {limit:.3f}x)")
 

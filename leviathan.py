@@ -421,9 +421,9 @@ def sparse_head(u, S, Wout):
     modes, not the factors: it gathers them again by the same sums and runs the dense form's two
     matmuls for S's and the basis' gradients (a 3-knot scatter-add is slower than them on XLA's CPU
     backend). Measured (bench.py), Leviathan / dense step time: tiny, 16 x 128, on a 2-core CPU
-    1.08-1.11x, against 1.12-1.13x with the dense form; 60M, 512 x 512, on an H200 (heads recomputed)
-    1.10x, against 1.15x. Tests check it against the dense form, against float64 where a factor
-    cancels, and against finite differences."""
+    1.08x (medians of 60 rounds), against 1.11-1.12x with the dense form; 60M, 512 x 512, on an H200
+    (heads recomputed) 1.10x, against 1.15x. Tests check it against the dense form, against float64
+    where a factor cancels, and against finite differences."""
     return _sparse_head_fwd(u, S, Wout)[0]
 
 

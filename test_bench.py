@@ -10,6 +10,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bench
@@ -90,6 +91,21 @@ def test_ratio_summary_is_the_median_of_per_round_ratios():
     median, low, high, rounds = bench.ratio_summary(results)  # ratios 1.10, 1.20, 1.05: round by round
     assert (round(median, 6), round(low, 6), round(high, 6), rounds) == (1.1, 1.05, 1.2, 3)
     assert bench.ratio_summary(results, "rounds_cpu_ms") == (1.0, 1.0, 1.0, 3)
+    assert "interval" not in bench.ratio_line(results, 1.0)  # 3 rounds: too few for a 95% interval
+    six = {m: {key: 2 * r[key] for key in r} for m, r in results.items()}  # each round twice
+    line = bench.ratio_line(six, 1.0)
+    assert "(median of 6 interleaved rounds, 95% interval of the median 1.050x-1.200x, min" in line
+
+
+def test_median_interval_is_the_order_statistics_table_and_covers_the_median():
+    values = np.random.default_rng(0).permutation(np.arange(1.0, 21.0))  # 1..20, shuffled
+    assert bench.median_interval(values) == (6.0, 15.0)  # n = 20: ranks 6 and 15 (95.9%; 7 and 14: 88.5%)
+    assert bench.median_interval(np.arange(6.0)) == (0.0, 5.0)  # 6 values: min-max covers 96.9%
+    assert bench.median_interval(np.arange(5.0)) is None  # 5 values: min-max covers only 93.8%
+    # on a skewed distribution (exponential, median ln 2), 2,000 samples of 20: it covers the median
+    samples = np.random.default_rng(1).exponential(size=(2000, 20))
+    covered = [low <= np.log(2) <= high for low, high in map(bench.median_interval, samples)]
+    assert 0.95 <= np.mean(covered) <= 0.97  # the exact coverage of ranks 6 and 15 is 95.9%
 
 
 @pytest.mark.parametrize("recompute", [False, True])  # sparse_head's heads kept (a CPU) or recomputed
