@@ -205,17 +205,22 @@ def median_interval(values, level=0.95):
     if n == 0 or coverage(1) < level:
         return None
     j = 1
-    while coverage(j + 1) >= level:
+    while 2 * (j + 1) <= n and coverage(j + 1) >= level:
         j += 1
     return float(x[j - 1]), float(x[n - j])
+
+
+def interval_text(results):
+    """", 95% interval of the median 1.063x-1.095x" for the ratio line, or "" under 6 rounds."""
+    interval = median_interval(round_ratios(results))
+    return f", 95% interval of the median {interval[0]:.3f}x-{interval[1]:.3f}x" if interval else ""
 
 
 def ratio_line(results, limit):
     median, low, high, rounds = ratio_summary(results)
     cpu, cpu_low, cpu_high, _ = ratio_summary(results, "rounds_cpu_ms")
-    interval = median_interval(round_ratios(results))
-    interval = f", 95% interval of the median {interval[0]:.3f}x-{interval[1]:.3f}x" if interval else ""
-    return (f"Leviathan / dense step time: {median:.3f}x (median of {rounds} interleaved rounds{interval}, "
+    return (f"Leviathan / dense step time: {median:.3f}x (median of {rounds} interleaved rounds"
+            f"{interval_text(results)}, "
             f"min {low:.3f}x, max {high:.3f}x; CPU time {cpu:.3f}x, {cpu_low:.3f}x-{cpu_high:.3f}x; "
             f"FLOP limit {limit:.3f}x)")
 
@@ -534,8 +539,8 @@ def run_report(args):
         limit = r["leviathan"]["flop_limit"]
         lines += [f"## {size}: {batch} x {seq_len} tokens per step, micro-batch {micro}", "", TABLE_HEADER,
                   *(result_row(x) for x in r.values()), "",
-                  f"Leviathan / dense step time: **{ratio:.3f}x** (median of {rounds} interleaved rounds, "
-                  f"min {low:.3f}x, max {high:.3f}x; CPU time {ratio_summary(r, 'rounds_cpu_ms')[0]:.3f}x; "
+                  f"Leviathan / dense step time: **{ratio:.3f}x** (median of {rounds} interleaved rounds"
+                  f"{interval_text(r)}, min {low:.3f}x, max {high:.3f}x; CPU time {ratio_summary(r, 'rounds_cpu_ms')[0]:.3f}x; "
                   f"FLOP limit {limit:.3f}x)", ""]
         ratios.append(f"{size} {ratio:.3f}x ({low:.3f}-{high:.3f}, limit {limit:.3f}x)")
     lines.append(f"Ratios: {', '.join(ratios)}.")

@@ -105,7 +105,8 @@ def test_median_interval_is_the_order_statistics_table_and_covers_the_median():
     # on a skewed distribution (exponential, median ln 2), 2,000 samples of 20: it covers the median
     samples = np.random.default_rng(1).exponential(size=(2000, 20))
     covered = [low <= np.log(2) <= high for low, high in map(bench.median_interval, samples)]
-    assert 0.95 <= np.mean(covered) <= 0.97  # the exact coverage of ranks 6 and 15 is 95.9%
+    # ranks 6 and 15 cover 95.9% (here sd 0.4%); off by one, 7 and 14 cover 88.5%, 5 and 16 98.8%
+    assert 0.94 <= np.mean(covered) <= 0.975
 
 
 @pytest.mark.parametrize("recompute", [False, True])  # sparse_head's heads kept (a CPU) or recomputed
