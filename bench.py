@@ -162,8 +162,9 @@ def step_flops(cfg, n_tokens, n_ids):
         flops += (2 * L * (4 * D * D + 3 * D * F) + 4 * L * cfg.seq_len * D) * n_tokens
     if cfg.model == "leviathan":
         d, G, R = cfg.d_seed, cfg.gen_knots, cfg.gen_rank
-        knots = 3 if lv.uses_sparse_head(cfg) else G  # the spline mixing's knots per coordinate
-        if lv.uses_sparse_head(cfg):
+        sparse = lv.uses_sparse_head(cfg)
+        knots = 3 if sparse else G  # the spline mixing's knots per coordinate
+        if sparse:
             # its backward pass mixes by the dense form's two matmuls (4 d G R per id, where 3 knots
             # count 4 d 3 R) and sums the 3-knot factors again (2 d 3 R)
             flops += cfg.gen_heads * (4 * d * G * R - 12 * d * R + 6 * d * R) * n_ids
@@ -536,11 +537,11 @@ def run_report(args):
                       f"--sizes {size} after lowering its micro-batch in bench.REPORT", ""]
             continue
         ratio, low, high, rounds = ratio_summary(r)
-        limit = r["leviathan"]["flop_limit"]
+        cpu, limit = ratio_summary(r, "rounds_cpu_ms")[0], r["leviathan"]["flop_limit"]
         lines += [f"## {size}: {batch} x {seq_len} tokens per step, micro-batch {micro}", "", TABLE_HEADER,
                   *(result_row(x) for x in r.values()), "",
                   f"Leviathan / dense step time: **{ratio:.3f}x** (median of {rounds} interleaved rounds"
-                  f"{interval_text(r)}, min {low:.3f}x, max {high:.3f}x; CPU time {ratio_summary(r, 'rounds_cpu_ms')[0]:.3f}x; "
+                  f"{interval_text(r)}, min {low:.3f}x, max {high:.3f}x; CPU time {cpu:.3f}x; "
                   f"FLOP limit {limit:.3f}x)", ""]
         ratios.append(f"{size} {ratio:.3f}x ({low:.3f}-{high:.3f}, limit {limit:.3f}x)")
     lines.append(f"Ratios: {', '.join(ratios)}.")
